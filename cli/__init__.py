@@ -1,0 +1,1 @@
+"""Command-line entry points: ``compress`` (the main job) and ``compressor`` (the toolbox)."""

@@ -1,0 +1,95 @@
+"""Rendering for the command line: errors as one line, progress with rich, the before/after table."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+err = Console(stderr=True)
+out = Console()
+
+
+def quiet_library_warnings() -> None:
+    """Third-party deprecation chatter is not the user's business; our own warnings still show."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|torch_pruning|onnx|onnxruntime)(\.|$)")
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Call ``fn``; map our typed errors to one line on stderr and a non-zero exit code.
+
+    ``COMPRESSOR_DEBUG=1`` shows the full traceback instead.
+    """
+    from compressor.errors import CompressorError
+
+    try:
+        return fn()
+    except CompressorError as exc:
+        if os.environ.get("COMPRESSOR_DEBUG"):
+            raise
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted; nothing was written")
+        raise typer.Exit(130) from None
+
+
+class RichProgress:
+    """The library's progress protocol drawn with rich, on stderr."""
+
+    def __init__(self, console: Console = err) -> None:
+        self.console = console
+        self.bar: RichBar | None = None
+        self.task_id: Any = None
+        self.description = ""
+
+    def stage(self, name: str) -> None:
+        self.console.print(f"[bold cyan]>[/] {name}", highlight=False)
+
+    def task(self, description: str, total: int) -> None:
+        self.done()
+        self.description = description
+        self.bar = RichBar(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(),
+                           console=self.console, transient=False)
+        self.bar.start()
+        self.task_id = self.bar.add_task(description, total=total or None, metrics="")
+
+    def advance(self, n: int = 1, **metrics: float) -> None:
+        if self.bar is not None:
+            text = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.bar.update(self.task_id, advance=n, metrics=text)
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+    def note(self, message: str) -> None:
+        self.done()
+        self.console.print(f"  {message}", highlight=False)
+
+
+def before_after_table(rows: list[tuple[str, str, str, str]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("", "left"), ("original", "right"), ("compressed", "right"), ("change", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        style = "bold red" if "SLOWER" in row[3] else None
+        table.add_row(*row, style=style)
+    return table
+
+
+def is_tty() -> bool:
+    return sys.stderr.isatty()

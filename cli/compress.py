@@ -1,0 +1,82 @@
+"""``compress MODEL --target-flops 0.5 --data PATH``: the main job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._render import RichProgress, before_after_table, err, out, quiet_library_warnings, run_guarded
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _floats(value: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+@app.command()
+def compress(
+    model: Annotated[Path, typer.Argument(help="Trained model: a state dict (with --arch) or a pickled module (with --trust-pickle).")],
+    target_flops: Annotated[float, typer.Option(help="Fraction of the original FLOPs to keep, 0 < x < 1. FLOPs are "
+                                                "multiply-accumulates (MACs) as torch-pruning counts them, batch 1.")],
+    data: Annotated[Path, typer.Option(help="Labelled images: .npz (images/labels or x/y), .pt dict of tensors, "
+                                       "or a folder with one sub-folder per class.")],
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a state dict: a name from `compressor models` "
+                                                "or package.module:factory.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Load a whole pickled module. It can run "
+                                               "arbitrary code: only for files you trust.")] = False,
+    criterion: Annotated[str, typer.Option(help="How channels are ranked: a name from `compressor criteria` "
+                                           "or package.module:Class.")] = "l2",
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs, one OneCycleLR cycle over all of them (0 skips).")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 64,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 0.01 for sgd, 0.001 for adamw].")] = None,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
+    distill: Annotated[bool, typer.Option(help="Distil from the original model's logits while fine-tuning.")] = True,
+    max_prune_per_group: Annotated[float, typer.Option(help="At most this fraction of any group's channels is removed.")] = 0.75,
+    val_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation (stratified, seeded).")] = 0.2,
+    mean: Annotated[Optional[str], typer.Option(help="Normalisation mean per channel in [0,1] pixel units, comma-separated "
+                                                "[default: computed on the data].")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Normalisation std per channel, comma-separated [default: computed].")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split and of fine-tuning.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda: fine-tuning device and onnxruntime provider (AMP on CUDA).")] = "auto",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: runs/<model stem>].")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    latency_runs: Annotated[int, typer.Option(help="Timed runs per model at batch 1 (a third of that at batch 64).")] = 30,
+    json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
+) -> None:
+    """Prune MODEL structurally to a FLOPs target, fine-tune it for one cycle, and export a smaller,
+    validated ONNX model with a report."""
+    quiet_library_warnings()
+
+    def job():
+        from compressor import CompressConfig, compress as run
+        from compressor.report import table_rows, to_dict
+
+        config = CompressConfig(
+            model_path=model, data_path=data, target_flops=target_flops, arch=arch, trust_pickle=trust_pickle,
+            criterion=criterion, max_prune_per_group=max_prune_per_group, epochs=epochs, batch_size=batch_size,
+            lr=lr, optimizer=optimizer, distill=distill, val_fraction=val_fraction, seed=seed,
+            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
+            overwrite=overwrite, latency_runs=latency_runs)
+        result = run(config, progress=RichProgress())
+        if json_output:
+            out.print_json(json.dumps(to_dict(result)))
+            return
+        out.print(before_after_table(table_rows(result), f"{model.name}: before / after"))
+        for warning in result.warnings:
+            err.print(f"[bold red]warning:[/] {warning}", highlight=False)
+        out.print(f"Wrote {result.out_dir}/: model.onnx, original.onnx, model.pt, report.json, report.md", highlight=False)
+
+    run_guarded(job)
+
+
+def main() -> None:
+    app()

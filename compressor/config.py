@@ -1,0 +1,100 @@
+"""The configuration of one ``compress`` run: frozen, validated, each field documented."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    model_path: Path
+    """The trained model: a state dict (with ``arch``) or a pickled module (with ``trust_pickle``)."""
+    data_path: Path
+    """Labelled images for fine-tuning and validation (.npz, .pt dict, or image folder)."""
+    target_flops: float
+    """Fraction of the original MACs to keep, 0 < x < 1."""
+    arch: str | None = None
+    """Architecture of a state dict: a name from ``compressor.models`` or ``package.module:factory``."""
+    trust_pickle: bool = False
+    """Allow loading a whole pickled module (it can run arbitrary code)."""
+    criterion: str = "l2"
+    """Registered criterion name or ``package.module:Class``."""
+    max_prune_per_group: float = 0.75
+    """At most this fraction of any group's channels is removed."""
+    epochs: int = 3
+    """Fine-tuning epochs (one OneCycleLR cycle over all of them); 0 skips fine-tuning."""
+    batch_size: int = 64
+    """Fine-tuning batch size."""
+    lr: float | None = None
+    """Peak learning rate of the cycle (default: 0.01 for SGD, 0.001 for AdamW)."""
+    optimizer: str = "sgd"
+    """``sgd`` (momentum 0.9, Nesterov) or ``adamw``."""
+    weight_decay: float = 5e-4
+    """Weight decay on weights (not on norms and biases)."""
+    distill: bool = True
+    """Add distillation from the original model's logits to the fine-tuning loss."""
+    distill_temperature: float = 4.0
+    """Softmax temperature of the distillation term."""
+    distill_alpha: float = 0.7
+    """Weight of the distillation term (cross-entropy gets 1 - alpha)."""
+    calibration_batches: int = 8
+    """Batches of fine-tuning data fed to criteria that need gradients."""
+    val_fraction: float = 0.2
+    """Share of the data held out (stratified, seeded) for validation."""
+    seed: int = 0
+    """Seed of the split, the fine-tuning order and the initialisation of randomness."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel normalisation mean in [0, 1] pixel units (default: computed on the data)."""
+    std: tuple[float, ...] | None = None
+    """Per-channel normalisation std (default: computed on the data)."""
+    device: str = "auto"
+    """``auto``, ``cpu`` or ``cuda``: fine-tuning device and onnxruntime execution provider."""
+    out_dir: Path | None = None
+    """Where the outputs go (default ``runs/<model stem>``)."""
+    overwrite: bool = False
+    """Replace an existing output directory."""
+    latency_runs: int = 30
+    """Timed runs per model at batch 1 (a third of that, at least 5, at batch 64)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.target_flops, (int, float)) and 0 < self.target_flops < 1):
+            raise ConfigError(f"--target-flops must lie strictly between 0 and 1, got {self.target_flops}",
+                              hint="0.5 keeps half of the original FLOPs")
+        if not 0 < self.max_prune_per_group < 1:
+            raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {self.max_prune_per_group}")
+        if self.epochs < 0:
+            raise ConfigError(f"--epochs must be 0 or more, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ConfigError(f"--distill-alpha must lie in [0, 1], got {self.distill_alpha}")
+        if self.distill_temperature <= 0:
+            raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if (self.mean is None) != (self.std is None):
+            raise ConfigError("--mean and --std must be given together")
+        if self.latency_runs < 1:
+            raise ConfigError(f"--latency-runs must be at least 1, got {self.latency_runs}")
+        if self.calibration_batches < 1:
+            raise ConfigError(f"--calibration-batches must be at least 1, got {self.calibration_batches}")
+
+    @property
+    def output_dir(self) -> Path:
+        return self.out_dir if self.out_dir is not None else Path("runs") / self.model_path.stem
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.01 if self.optimizer == "sgd" else 1e-3

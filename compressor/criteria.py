@@ -1,0 +1,127 @@
+"""The criteria registry: how channels are ranked, discovered through the ``compressor.criteria``
+entry-point group.
+
+A criterion is a class whose instances map one coupled group (a torch-pruning ``Group``) to a 1-D
+tensor of per-channel scores, higher meaning keep. What it needs beyond the weights is declared as
+plain class attributes, never inferred:
+
+- ``needs_gradients``: the pipeline runs ``calibration_batches`` forward/backward passes on the
+  fine-tuning data before scoring, so ``.grad`` is populated on every parameter.
+
+Built-in criteria are registered in our own ``pyproject.toml`` exactly as a third party registers
+theirs; ``package.module:Class`` also works without any installation step.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .errors import ConfigError
+
+ENTRY_POINT_GROUP = "compressor.criteria"
+
+__all__ = ["Criterion", "CriterionInfo", "ENTRY_POINT_GROUP", "available_criteria", "get_criterion", "resolve_criterion"]
+
+
+@runtime_checkable
+class Criterion(Protocol):
+    """Scores the channels of one coupled group; higher means keep."""
+
+    needs_gradients: bool
+
+    def __call__(self, group: Any) -> torch.Tensor | None: ...
+
+
+@dataclass(frozen=True)
+class CriterionInfo:
+    """Where a registered criterion comes from, for listings and reports."""
+
+    name: str
+    value: str
+    distribution: str | None
+    version: str | None
+
+
+@functools.cache
+def _discover() -> dict[str, metadata.EntryPoint]:
+    found: dict[str, metadata.EntryPoint] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found and found[ep.name].value != ep.value:
+            warnings.warn(
+                f"criterion {ep.name!r} is registered twice ({found[ep.name].value} and {ep.value}); using the first",
+                stacklevel=2,
+            )
+            continue
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def refresh() -> None:
+    """Forget the cached discovery, e.g. after installing a plug-in in the same process."""
+    _discover.cache_clear()
+    _load.cache_clear()
+
+
+def available_criteria() -> list[CriterionInfo]:
+    """Every registered criterion, sorted by name (nothing is imported)."""
+    infos = []
+    for name, ep in sorted(_discover().items()):
+        dist = getattr(ep, "dist", None)
+        infos.append(CriterionInfo(name, ep.value, dist.name if dist else None, dist.version if dist else None))
+    return infos
+
+
+@functools.cache
+def _load(name: str) -> type | None:
+    ep = _discover()[name]
+    try:
+        return ep.load()
+    except Exception as exc:  # a broken plug-in must not take the others down
+        warnings.warn(f"criterion plug-in {name!r} ({ep.value}) failed to import: {exc}", stacklevel=2)
+        return None
+
+
+def _import_path(spec: str) -> type:
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--criterion {spec}: cannot import it ({exc})") from exc
+    return obj
+
+
+def resolve_criterion(name: str) -> type:
+    """The criterion class for a registered name or a ``package.module:Class`` path."""
+    if ":" in name:
+        cls = _import_path(name)
+    elif name in _discover():
+        cls = _load(name)
+        if cls is None:
+            raise ConfigError(f"criterion {name!r} is registered but its plug-in failed to import (see the warning)")
+    else:
+        names = ", ".join(info.name for info in available_criteria()) or "none"
+        raise ConfigError(f"unknown criterion {name!r}; available: {names}", hint="or pass package.module:Class")
+    if not callable(cls):
+        raise ConfigError(f"criterion {name!r} resolves to {cls!r}, which is not callable")
+    return cls
+
+
+def get_criterion(name: str, **kwargs: Any) -> Criterion:
+    """An instance of the named criterion, checked against the contract."""
+    criterion = resolve_criterion(name)(**kwargs)
+    if not callable(criterion):
+        raise ConfigError(f"criterion {name!r} instances are not callable on a group")
+    return criterion
+
+
+def needs_gradients(criterion: object) -> bool:
+    return bool(getattr(criterion, "needs_gradients", False))

@@ -1,0 +1,57 @@
+"""Typed errors. Each carries a message a user can act on and, where there is one, a hint.
+
+The command line maps every ``CompressorError`` to one line and a non-zero exit code; the library
+never exits the process itself.
+"""
+
+from __future__ import annotations
+
+
+class CompressorError(Exception):
+    """Base class: something the user can fix. ``hint`` says how, when we know."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(CompressorError):
+    """An option value is out of range or options contradict each other."""
+
+
+class ModelLoadError(CompressorError):
+    """The model file is missing, unreadable, of an unsupported kind, or does not match --arch."""
+
+
+class DataError(CompressorError):
+    """The data is missing, malformed, or does not fit the model."""
+
+
+class GraphError(CompressorError):
+    """The model cannot be traced into a coupling graph, or nothing in it can be pruned."""
+
+
+class TargetUnreachableError(CompressorError):
+    """The FLOPs target lies below the smallest ratio that structured pruning can reach."""
+
+
+class TrainingError(CompressorError):
+    """Fine-tuning failed (a non-finite loss, for instance)."""
+
+
+class ExportError(CompressorError):
+    """The model could not be exported to ONNX, or the ONNX file failed its check."""
+
+
+class ValidationError(CompressorError):
+    """onnxruntime could not run the exported model."""
+
+
+class OutputExistsError(CompressorError):
+    """The output directory exists and --overwrite was not given."""

@@ -1,0 +1,38 @@
+"""FLOPs and parameter counts, measured by running the model.
+
+"FLOPs" throughout the tool means multiply-accumulates (MACs) as torch-pruning's
+``count_ops_and_params`` counts them on one example input of batch size 1: convolutions, linear
+layers, normalisation and attention matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Cost:
+    """MACs (counted on one example) and parameter count of a model."""
+
+    macs: int
+    params: int
+
+
+@torch.no_grad()
+def measure(model: nn.Module, example_input: torch.Tensor) -> Cost:
+    """Count the MACs and parameters of ``model`` on ``example_input`` (batch 1)."""
+    was_training = model.training
+    model.eval()
+    try:
+        macs, params = tp.utils.count_ops_and_params(model, example_input[:1])
+    finally:
+        model.train(was_training)
+    return Cost(macs=int(macs), params=int(params))
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Built-in criteria. Each is registered in ``pyproject.toml`` under ``compressor.criteria``."""
