@@ -40,7 +40,12 @@ def compress(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 0.01 for sgd, 0.001 for adamw].")] = None,
     optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
     distill: Annotated[bool, typer.Option(help="Distil from the original model's logits while fine-tuning.")] = True,
+    distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation term; cross-entropy gets 1 - alpha.")] = 0.7,
+    distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of the distillation term.")] = 4.0,
+    bn_recalibration: Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics right after pruning.")] = True,
     max_prune_per_group: Annotated[float, typer.Option(help="At most this fraction of any group's channels is removed.")] = 0.75,
+    round_to: Annotated[int, typer.Option(help="Kept channel counts are multiples of this, for hardware-friendly "
+                                          "widths (1 disables).")] = 8,
     val_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation (stratified, seeded).")] = 0.2,
     mean: Annotated[Optional[str], typer.Option(help="Normalisation mean per channel in [0,1] pixel units, comma-separated "
                                                 "[default: computed on the data].")] = None,
@@ -62,8 +67,9 @@ def compress(
 
         config = CompressConfig(
             model_path=model, data_path=data, target_flops=target_flops, arch=arch, trust_pickle=trust_pickle,
-            criterion=criterion, max_prune_per_group=max_prune_per_group, epochs=epochs, batch_size=batch_size,
-            lr=lr, optimizer=optimizer, distill=distill, val_fraction=val_fraction, seed=seed,
+            criterion=criterion, max_prune_per_group=max_prune_per_group, round_to=round_to, epochs=epochs, batch_size=batch_size,
+            lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
+            distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
             overwrite=overwrite, latency_runs=latency_runs)
         result = run(config, progress=RichProgress())

@@ -25,6 +25,8 @@ class CompressConfig:
     """Registered criterion name or ``package.module:Class``."""
     max_prune_per_group: float = 0.75
     """At most this fraction of any group's channels is removed."""
+    round_to: int = 8
+    """Kept channel counts are multiples of this (1 disables); odd widths can make a model slower."""
     epochs: int = 3
     """Fine-tuning epochs (one OneCycleLR cycle over all of them); 0 skips fine-tuning."""
     batch_size: int = 64
@@ -35,6 +37,8 @@ class CompressConfig:
     """``sgd`` (momentum 0.9, Nesterov) or ``adamw``."""
     weight_decay: float = 5e-4
     """Weight decay on weights (not on norms and biases)."""
+    bn_recalibration: bool = True
+    """Re-estimate batch-norm statistics on the fine-tuning data right after pruning."""
     distill: bool = True
     """Add distillation from the original model's logits to the fine-tuning loss."""
     distill_temperature: float = 4.0
@@ -66,6 +70,8 @@ class CompressConfig:
                               hint="0.5 keeps half of the original FLOPs")
         if not 0 < self.max_prune_per_group < 1:
             raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {self.max_prune_per_group}")
+        if self.round_to < 1:
+            raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be 0 or more, got {self.epochs}")
         if self.batch_size < 1:

@@ -64,6 +64,28 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torc
     return (predict(model, x, device=device).argmax(1) == y).float().mean().item()
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batches: int = 20, batch_size: int = 64) -> bool:
+    """Re-estimate batch-norm running statistics on ``x`` (pruning shifts every activation's statistics).
+
+    Returns whether the model had batch norms to recalibrate.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for i in range(0, min(len(x), batches * batch_size), batch_size):
+        model(x[i : i + batch_size])
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
+    return True
+
+
 def _optimizer(model: nn.Module, s: FinetuneSettings) -> torch.optim.Optimizer:
     # No weight decay on norms and biases: decaying BN scales shrinks channels we just decided to keep.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]

@@ -119,12 +119,16 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         progress.task("search for the FLOPs target", 0)
         pruned, prune_result = pruning.search(
             coupling, scores, target_ratio=config.target_flops, max_prune_fraction=config.max_prune_per_group,
+            round_to=config.round_to,
             on_probe=lambda n, r: progress.advance(1, flops_ratio=r))
         progress.done()
 
     with clock.stage("evaluate"):
         acc_original = ft.accuracy(original, data.val_x, data.val_y)
         acc_pruned = ft.accuracy(pruned, data.val_x, data.val_y)
+        acc_recalibrated = None
+        if config.bn_recalibration and ft.recalibrate_bn(pruned, data.train_x, batch_size=config.batch_size):
+            acc_recalibrated = ft.accuracy(pruned, data.val_x, data.val_y)
 
     finetune_result = None
     if config.epochs > 0:
@@ -168,6 +172,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
                    "num_classes": classes},
             data=data.info, criterion=config.criterion, prune=prune_result,
             accuracy_original=acc_original, accuracy_pruned_before_finetune=acc_pruned,
+            accuracy_pruned_recalibrated=acc_recalibrated,
             accuracy_compressed=acc_compressed, finetune=finetune_result, validation=validation,
             onnx_bytes=exported.bytes, onnx_original_bytes=exported_original.bytes,
             stage_seconds=clock.seconds, device=str(device), versions=_versions(), warnings=notes)

@@ -2,9 +2,10 @@
 on FLOPs measured on pruned copies of the model.
 
 The ranking is global (all groups' units on one scale) with a per-group cap, so no layer is
-stripped to a sliver. The search is a bisection over "how many of the lowest-ranked units to
-remove", each probe pruning a fresh copy and counting its MACs, followed by a short refinement
-so the achieved ratio lands within 1% below the target.
+stripped to a sliver, and optional rounding of kept widths to hardware-friendly multiples. The
+search is a bisection over "how many of the lowest-ranked removal steps to take", each probe
+pruning a fresh copy and counting its MACs, followed by a short refinement so the achieved ratio
+lands within 1% below the target.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .graph import CouplingGraph, GroupSpec, patch_attention, trace
 
 TOLERANCE = 0.01
 """The achieved FLOPs ratio must lie in [target * (1 - TOLERANCE), target]."""
-_MAX_REFINE_PROBES = 24
+_MAX_REFINE_PROBES = 40
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class PruneResult:
     seconds: float
     plan: PruningPlan
     layers: list[LayerChange] = field(default_factory=list)
+    round_to: int = 1
+    off_multiple: list[str] = field(default_factory=list)
+    """Groups whose kept width is not a multiple of ``round_to``: the target could not be met otherwise."""
 
 
 def score_groups(graph: CouplingGraph, criterion: Criterion) -> list[torch.Tensor]:
@@ -107,16 +111,68 @@ def pruned_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
     return model
 
 
-def _eligible_units(groups: list[GroupSpec], scores: list[torch.Tensor], max_fraction: float) -> list[tuple[int, int]]:
-    """Units in the order they are removed: ascending score, at most ``max_fraction`` of a group and
-    never its last unit."""
-    candidates: list[tuple[float, int, int]] = []
+Chunk = tuple[int, tuple[int, ...]]
+"""A group index and the units removed together as one step of the ranking."""
+
+
+def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction: float, round_to: int) -> list[Chunk]:
+    """Removal steps in the order they are taken, ascending score.
+
+    Within a group units go lowest score first. With ``round_to`` > 1 they go in chunks, so every
+    kept width (units per block) is a multiple of ``round_to``; a chunk ranks by its best unit, so it
+    is removed only when all of its units fall below the threshold. At most ``max_fraction`` of a
+    group is removed and never its last chunk.
+    """
+    ranked: list[tuple[float, int, tuple[int, ...]]] = []
     for spec, s in zip(groups, scores):
-        cap = min(int(math.floor(spec.units * max_fraction)), spec.units - 1)
-        order = torch.argsort(s, stable=True)[:cap]
-        candidates += [(float(s[u]), spec.index, int(u)) for u in order if math.isfinite(float(s[u]))]
-    candidates.sort(key=lambda t: t[0])
-    return [(g, u) for _, g, u in candidates]
+        order = [int(u) for u in torch.argsort(s, stable=True) if math.isfinite(float(s[u]))]
+        n = spec.units
+        min_keep = max(1, math.ceil(n * (1 - max_fraction)))
+        if round_to > 1:
+            min_keep = max(round_to, math.ceil(min_keep / round_to) * round_to)
+            widths = list(range(n - n % round_to if n % round_to else n - round_to, min_keep - 1, -round_to))
+        else:
+            widths = list(range(n - 1, min_keep - 1, -1))
+        removed = 0
+        for width in widths:
+            chunk = order[removed : n - width]
+            if len(chunk) != n - width - removed:  # the criterion abstained on some units
+                break
+            ranked.append((max(float(s[u]) for u in chunk), spec.index, tuple(chunk)))
+            removed = n - width
+    ranked.sort(key=lambda t: t[0])
+    return [(g, units) for _, g, units in ranked]
+
+
+def _plan(chunks: list[Chunk]) -> PruningPlan:
+    return PruningPlan.from_units([(g, u) for g, units in chunks for u in units])
+
+
+def _one_group_fill(base, scores, groups, probe, *, lower, target, max_fraction):
+    """With rounding, a target between two rounded plans is met by giving one group a width off the
+    multiple: bisect, group by group, over its next-ranked single units."""
+    removed: dict[int, set[int]] = {}
+    for g, units in base:
+        removed.setdefault(g, set()).update(units)
+    for spec in sorted(groups, key=lambda s: -s.units):
+        s = scores[spec.index]
+        taken = removed.get(spec.index, set())
+        room = spec.units - max(1, math.ceil(spec.units * (1 - max_fraction))) - len(taken)
+        free = [int(u) for u in torch.argsort(s, stable=True) if int(u) not in taken][: max(room, 0)]
+        lo, hi = 0, len(free)
+        if not free or probe(base + [(spec.index, tuple(free))])[1] > target:
+            continue
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if probe(base + [(spec.index, tuple(free[:mid]))])[1] <= target:
+                hi = mid
+            else:
+                lo = mid
+        step = base + [(spec.index, tuple(free[:hi]))]
+        model, r = probe(step)
+        if lower <= r <= target:
+            return step, model, r
+    return None
 
 
 def search(
@@ -125,21 +181,23 @@ def search(
     *,
     target_ratio: float,
     max_prune_fraction: float,
+    round_to: int = 1,
     on_probe: Callable[[int, float], None] | None = None,
 ) -> tuple[nn.Module, PruneResult]:
     """Prune a copy of ``graph.model`` to ``target_ratio`` of its MACs; return it with the result."""
     start = time.perf_counter()
     original = flops.measure(graph.model, graph.example_input)
-    order = _eligible_units(graph.groups, scores, max_prune_fraction)
+    order = _chunks(graph.groups, scores, max_fraction=max_prune_fraction, round_to=round_to)
     probes = 0
+    off_multiple: list[str] = []
     cache: dict[tuple, tuple[nn.Module, flops.Cost]] = {}
 
-    def probe(units: list[tuple[int, int]]) -> tuple[nn.Module, float]:
+    def probe(chunks: list[Chunk]) -> tuple[nn.Module, float]:
         nonlocal probes
-        key = tuple(sorted(units))
+        key = tuple(sorted(chunks))
         if key not in cache:
             probes += 1
-            model = pruned_copy(graph, PruningPlan.from_units(units))
+            model = pruned_copy(graph, _plan(chunks))
             cache.clear()  # keep one pruned copy in memory at a time
             cache[key] = (model, flops.measure(model, graph.example_input))
         model, cost = cache[key]
@@ -170,20 +228,30 @@ def search(
     model, ratio = probe(chosen)
     lower = target_ratio * (1 - TOLERANCE)
     if ratio < lower:
-        # The last unit was a big one. Keep it, and remove the next-ranked smaller units instead.
-        base = order[:lo]
+        # The last step was a big one. Keep it, and take later, smaller steps instead; a group whose
+        # step was skipped takes no later steps (they would keep a worse channel than they remove).
+        base, skipped = order[:lo], set()
         for extra in order[hi : hi + _MAX_REFINE_PROBES]:
+            if extra[0] in skipped:
+                continue
             m, r = probe(base + [extra])
-            if r <= target_ratio:
-                if r >= lower:
-                    chosen, model, ratio = base + [extra], m, r
-                    break
-            else:
+            if lower <= r <= target_ratio:
+                chosen, model, ratio = base + [extra], m, r
+                break
+            if r > target_ratio:
                 base = base + [extra]
+            else:
+                skipped.add(extra[0])
         else:
-            model, ratio = probe(chosen)
+            found = _one_group_fill(base, scores, graph.groups, probe, lower=lower, target=target_ratio,
+                                    max_fraction=max_prune_fraction) if round_to > 1 else None
+            if found is not None:
+                chosen, model, ratio = found
+                off_multiple = [graph.groups[found[0][-1][0]].root]
+            else:
+                model, ratio = probe(chosen)
 
-    plan = PruningPlan.from_units(chosen)
+    plan = _plan(chosen)
     pruned_cost = flops.measure(model, graph.example_input)
     layers = [
         LayerChange(spec.root, spec.size, spec.size - len(plan.removed.get(spec.index, ())) * spec.ch_groups)
@@ -199,5 +267,7 @@ def search(
         seconds=time.perf_counter() - start,
         plan=plan,
         layers=layers,
+        round_to=round_to,
+        off_multiple=off_multiple,
     )
     return model, result

@@ -24,6 +24,7 @@ class CompressResult:
     prune: PruneResult
     accuracy_original: float
     accuracy_pruned_before_finetune: float
+    accuracy_pruned_recalibrated: float | None
     accuracy_compressed: float
     finetune: FinetuneResult | None
     validation: ValidationResult
@@ -51,6 +52,7 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
                   "unit": "MACs (torch-pruning count_ops_and_params, batch 1)"},
         "params": {"original": p.original.params, "compressed": p.pruned.params},
         "accuracy": {"original": r.accuracy_original, "pruned_before_finetune": r.accuracy_pruned_before_finetune,
+                     "pruned_bn_recalibrated": r.accuracy_pruned_recalibrated,
                      "compressed": r.accuracy_compressed, "compressed_onnx": r.validation.accuracy_compressed,
                      "original_onnx": r.validation.accuracy_original, "split": "validation",
                      "samples": r.data.val_size},
@@ -101,6 +103,8 @@ def to_markdown(r: CompressResult) -> str:
     lines += ["", "## Accuracy on the validation split", "",
               f"- original (PyTorch): {r.accuracy_original:.2%}",
               f"- right after pruning, before fine-tuning: {r.accuracy_pruned_before_finetune:.2%}",
+              *([f"- after batch-norm recalibration: {r.accuracy_pruned_recalibrated:.2%}"]
+                if r.accuracy_pruned_recalibrated is not None else []),
               f"- after fine-tuning (PyTorch): {r.accuracy_compressed:.2%}",
               f"- after fine-tuning (ONNX, {r.validation.provider}): {r.validation.accuracy_compressed:.2%}",
               f"- validation images: {r.data.val_size} ({r.data.val_fraction:g} of {r.data.num_samples}, seed {r.data.seed})",

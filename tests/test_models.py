@@ -1,0 +1,70 @@
+"""Every architecture in ``compressor.models`` goes through trace -> score -> prune -> export -> onnxruntime.
+
+Parametrized over the registry, so a model is tested the day it is added.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from compressor import criteria, flops, graph, pruning
+from compressor.export import INPUT_NAME, export_onnx
+from compressor.models import create_model, list_models
+from compressor.validate import open_session
+
+# Small enough to keep the whole registry in seconds; a multiple of the ViT's patch size (4).
+IMAGE_SIZE = 16
+NUM_CLASSES = 10
+
+
+def test_registry_lists_the_bundled_models():
+    assert {"resnet20", "resnet56", "vgg16_bn", "mobilenetv2", "vit_tiny"} <= set(list_models())
+    assert list_models() == sorted(list_models())
+
+
+def test_unknown_model_name_lists_the_available_ones():
+    with pytest.raises(KeyError, match="resnet20"):
+        create_model("no_such_net")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_model_prunes_exports_and_matches_onnxruntime(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES, in_channels=1, image_size=IMAGE_SIZE).eval()
+    example = torch.randn(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        before = model(example).clone()
+
+    coupling = graph.trace(model, example)
+    assert coupling.groups, "nothing prunable was found"
+    assert len(coupling.protected) == 1
+    scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
+    pruned, result = pruning.search(coupling, scores, target_ratio=0.5, max_prune_fraction=0.75)
+
+    assert 0.495 <= result.achieved_ratio <= 0.5
+    assert flops.measure(pruned, example).macs == result.pruned.macs
+    assert result.pruned.params < result.original.params
+    assert flops.count_params(pruned) == result.pruned.params
+    with torch.no_grad():
+        torch.testing.assert_close(model(example), before)  # the original is untouched
+
+    batch5 = torch.randn(5, 1, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        reference = {1: pruned(example), 5: pruned(batch5)}
+    assert reference[5].shape == (5, NUM_CLASSES)
+    assert torch.isfinite(reference[5]).all()
+
+    path = tmp_path / f"{name}.onnx"
+    exported = export_onnx(pruned, path, example_input=example, metadata={"arch": name})
+    assert exported.bytes == path.stat().st_size > 0
+
+    session = open_session(path, device="cpu")
+    assert session.get_providers()[0] == "CPUExecutionProvider"
+    for x in (example, batch5):  # batch 5 checks the dynamic batch axis
+        out = session.run(None, {INPUT_NAME: x.numpy()})[0]
+        ref = reference[len(x)].numpy()
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() < 1e-4
+        assert (out.argmax(1) == ref.argmax(1)).all()
