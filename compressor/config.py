@@ -86,7 +86,9 @@ class CompressConfig:
             raise ConfigError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"--distill-alpha must lie in [0, 1], got {self.distill_alpha}")
-        if self.distill_temperature <= 0:
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
+        if not self.distill_temperature > 0:
             raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if (self.mean is None) != (self.std is None):
             raise ConfigError("--mean and --std must be given together")

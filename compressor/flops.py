@@ -1,8 +1,9 @@
 """FLOPs and parameter counts, measured by running the model.
 
 "FLOPs" throughout the tool means multiply-accumulates (MACs) as torch-pruning's
-``count_ops_and_params`` counts them on one example input of batch size 1: convolutions, linear
-layers, normalisation and attention matmuls.
+``count_ops_and_params`` counts them on one example input of batch size 1. Convolutions and linear
+layers dominate the count; it also adds one per activation output and two per batch-norm output,
+so a ratio is what it would be on a profiler that counts those too.
 """
 
 from __future__ import annotations

@@ -69,6 +69,19 @@ def build_arch(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle stream starting with PROTO)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _archive_names(path: Path) -> list[str]:
     if not zipfile.is_zipfile(path):
         return []
@@ -133,6 +146,10 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
     if not path.is_file():
         raise ModelLoadError(f"model file {path} not found" if not path.exists() else f"{path} is not a file")
     _reject_unprunable(path)
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty; supported: {SUPPORTED}")
+    if not _looks_like_pickle(path):
+        raise ModelLoadError(f"{path} is not a file written by torch.save (corrupted or another format); supported: {SUPPORTED}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -143,8 +160,7 @@ def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool 
             ) from exc
         return _load_pickle(path)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                             f"; supported: {SUPPORTED}") from exc
+        raise ModelLoadError(f"cannot read {path} ({_first_line(exc)}); supported: {SUPPORTED}") from exc
 
     if is_pruned_checkpoint(obj):
         spec = obj.get("arch")
@@ -171,7 +187,7 @@ def _load_pickle(path: Path) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot unpickle {path}: {type(exc).__name__}: {exc}",
+        raise ModelLoadError(f"cannot unpickle {path}: {_first_line(exc)}",
                              hint="the classes the module was built from must be importable") from exc
     if not isinstance(obj, nn.Module):
         if _state_dict_of(obj) is not None:

@@ -84,7 +84,8 @@ def score_groups(graph: CouplingGraph, criterion: Criterion) -> list[torch.Tenso
             )
         if spec.ch_groups > 1:
             imp = imp.view(spec.ch_groups, -1).mean(0)
-        scores.append(torch.nan_to_num(imp, nan=0.0))
+        # NaN ranks first (no information), +inf never (an abstaining criterion protects the group).
+        scores.append(torch.nan_to_num(imp, nan=0.0, posinf=math.inf, neginf=-math.inf))
     return scores
 
 

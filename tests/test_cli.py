@@ -201,8 +201,6 @@ def test_random_bytes_model_file(tmp_path, data_path, out):
     _assert_refused(result, "noise.pt", out)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an empty model file escapes as IndexError (loading.py "
-                                       "str(exc).splitlines()[0] on a message-less EOFError), not one error line")
 def test_empty_model_file(tmp_path, data_path, out):
     model = tmp_path / "empty.pt"
     model.write_bytes(b"")

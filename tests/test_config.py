@@ -45,8 +45,6 @@ def test_invalid_values_name_their_flag(make_config, field, value, flag):
         make_config(**{field: value})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: CompressConfig checks distill_temperature with `<= 0`, which NaN passes; "
-                                       "fine-tuning then stops at the first step on a non-finite loss")
 def test_nan_distill_temperature_is_rejected(make_config):
     with pytest.raises(ConfigError, match="--distill-temperature"):
         make_config(distill_temperature=float("nan"))

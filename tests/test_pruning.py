@@ -183,9 +183,6 @@ def test_abstaining_criterion_ranks_its_group_last(coupling, abstaining_scores):
     assert 0.4 * 0.99 <= result.achieved_ratio <= 0.4
 
 
-@pytest.mark.xfail(strict=True, reason="bug: score_groups maps an abstaining criterion's None to +inf, then "
-                                       "torch.nan_to_num(imp, nan=0.0) turns +inf into float32 max, which is finite, "
-                                       "so the 'never prune this group' units still join the ranking (last)")
 def test_abstaining_criterion_never_prunes_its_group(coupling, abstaining_scores):
     floor = _search(coupling, abstaining_scores, 0.9)[1].min_reachable_ratio
 
