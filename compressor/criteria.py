@@ -15,7 +15,6 @@ theirs; ``package.module:Class`` also works without any installation step.
 from __future__ import annotations
 
 import functools
-import importlib
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ._imports import import_object
 from .errors import ConfigError
 
 ENTRY_POINT_GROUP = "compressor.criteria"
@@ -89,14 +89,10 @@ def _load(name: str) -> type | None:
 
 
 def _import_path(spec: str) -> type:
-    module_name, _, attr = spec.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        return import_object(spec)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"--criterion {spec}: cannot import it ({exc})") from exc
-    return obj
 
 
 def resolve_criterion(name: str) -> type:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import pickle
 import zipfile
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._imports import import_object
 from .checkpoint import is_pruned_checkpoint, rebuild
 from .errors import ModelLoadError
 
@@ -40,11 +40,8 @@ def build_arch(name: str, **kwargs: Any) -> nn.Module:
     take ``num_classes`` and those that do not.
     """
     if ":" in name:
-        module_name, _, attr = name.partition(":")
         try:
-            factory: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                factory = getattr(factory, part)
+            factory: Any = import_object(name)
         except (ImportError, AttributeError) as exc:
             raise ModelLoadError(f"--arch {name}: cannot import it ({exc})") from exc
     else:
