@@ -122,6 +122,10 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
             round_to=config.round_to,
             on_probe=lambda n, r: progress.advance(1, flops_ratio=r))
         progress.done()
+        if prune_result.off_multiple:
+            notes.append(f"to land within 1% of the FLOPs target, group {prune_result.off_multiple[0]} keeps a width "
+                         f"that is not a multiple of --round-to {config.round_to}")
+            progress.note(notes[-1])
 
     with clock.stage("evaluate"):
         acc_original = ft.accuracy(original, data.val_x, data.val_y)
@@ -170,7 +174,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
             out_dir=out,
             model={"source": str(config.model_path), "kind": loaded.kind, "arch": loaded.arch,
                    "num_classes": classes},
-            data=data.info, criterion=config.criterion, prune=prune_result,
+            data=data.info, criterion=config.criterion, max_prune_per_group=config.max_prune_per_group,
+            prune=prune_result,
             accuracy_original=acc_original, accuracy_pruned_before_finetune=acc_pruned,
             accuracy_pruned_recalibrated=acc_recalibrated,
             accuracy_compressed=acc_compressed, finetune=finetune_result, validation=validation,

@@ -21,6 +21,7 @@ class CompressResult:
     model: dict[str, Any]
     data: DataInfo
     criterion: str
+    max_prune_per_group: float
     prune: PruneResult
     accuracy_original: float
     accuracy_pruned_before_finetune: float
@@ -60,7 +61,8 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
                  "max_abs_diff": r.validation.parity.max_abs_diff, "top1_agreement": r.validation.parity.top1_agreement,
                  "parity_samples": r.validation.parity.samples, "provider": r.validation.provider},
         "latency_ms": lat,
-        "search": {"probes": p.probes, "seconds": p.seconds,
+        "search": {"probes": p.probes, "seconds": p.seconds, "round_to": p.round_to, "off_multiple": p.off_multiple,
+                   "max_prune_per_group": r.max_prune_per_group,
                    "layers": [{"group": l.group, "before": l.before, "after": l.after} for l in p.layers]},
         "finetune": asdict(r.finetune) if r.finetune else None,
         "stages_seconds": r.stage_seconds,
