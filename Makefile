@@ -10,8 +10,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	@echo "Installing compressor and its dependencies into $(VENV) (the first time takes a few minutes)..."
+	$(PY) -m pip install -qq -e '.[test]'
 	@touch $(STAMP)
 
 # Prune the bundled ResNet-20 (trained on Fashion-MNIST) to half its FLOPs, fine-tune, export, validate.
