@@ -51,16 +51,25 @@ def build_arch(name: str, **kwargs: Any) -> nn.Module:
             raise ModelLoadError(f"unknown --arch {name!r}; available: {', '.join(list_models())}",
                                  hint="or pass package.module:factory")
         factory = _REGISTRY[name]
+    attempts = [kwargs]
     try:
         params = inspect.signature(factory).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            kwargs = {k: v for k, v in kwargs.items() if k in params}
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            # ``**kwargs`` hides what is accepted (torchvision's factories): fall back to fewer arguments.
+            attempts += [{k: v for k, v in kwargs.items() if k == "num_classes"}, {}]
+        else:
+            attempts = [{k: v for k, v in kwargs.items() if k in params}]
     except (TypeError, ValueError):
-        pass
-    try:
-        model = factory(**kwargs)
-    except Exception as exc:
-        raise ModelLoadError(f"--arch {name}: building the model failed: {type(exc).__name__}: {exc}") from exc
+        attempts += [{}]
+    for i, attempt in enumerate(attempts):
+        try:
+            model = factory(**attempt)
+            break
+        except TypeError as exc:
+            if i == len(attempts) - 1 or "unexpected keyword" not in str(exc):
+                raise ModelLoadError(f"--arch {name}: building the model failed: {_first_line(exc)}") from exc
+        except Exception as exc:
+            raise ModelLoadError(f"--arch {name}: building the model failed: {_first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"--arch {name} returned {type(model).__name__}, not a torch.nn.Module")
     return model

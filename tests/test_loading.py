@@ -186,3 +186,9 @@ def test_build_arch_drops_keywords_the_factory_does_not_take():
     model = build_arch("compressor.models.resnet_cifar:CifarResNet", depth=20, num_classes=3, in_channels=1,
                        image_size=IMAGE_SIZE)
     assert model.fc.out_features == 3 and model.conv1.in_channels == 1
+
+
+def test_factory_hiding_its_arguments_behind_kwargs(model_path):
+    loaded = load_model(model_path, arch="helpers_arch:kwargs_factory")
+    assert loaded.model.fc.out_features == 4
+    assert loaded.arch["name"] == "helpers_arch:kwargs_factory"
