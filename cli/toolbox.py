@@ -28,7 +28,8 @@ def list_criteria() -> None:
             except Exception:
                 table.add_row(info.name, f"{info.distribution} {info.version}", "-", "[red]failed to import[/]")
                 continue
-            needs = "gradients" if criteria.needs_gradients(cls) else "weights"
+            needs = ("per-sample gradients" if criteria.needs_per_sample_gradients(cls)
+                     else "gradients" if criteria.needs_gradients(cls) else "weights")
             doc = (cls.__doc__ or "").strip().splitlines()
             table.add_row(info.name, f"{info.distribution or '?'} {info.version or ''}".strip(), needs, doc[0] if doc else "")
         out.print(table)

@@ -7,6 +7,9 @@ plain class attributes, never inferred:
 
 - ``needs_gradients``: the pipeline runs ``calibration_batches`` forward/backward passes on the
   fine-tuning data before scoring, so ``.grad`` is populated on every parameter.
+- ``needs_per_sample_gradients`` (with ``needs_gradients``): the calibration runs one backward pass
+  per sample instead and calls the instance's ``accumulate_grad(model)`` after each (torch-pruning's
+  protocol for its Hessian importance); ``.grad`` then holds the last sample's gradient.
 
 Built-in criteria are registered in our own ``pyproject.toml`` exactly as a third party registers
 theirs; ``package.module:Class`` also works without any installation step.
@@ -121,3 +124,7 @@ def get_criterion(name: str, **kwargs: Any) -> Criterion:
 
 def needs_gradients(criterion: object) -> bool:
     return bool(getattr(criterion, "needs_gradients", False))
+
+
+def needs_per_sample_gradients(criterion: object) -> bool:
+    return needs_gradients(criterion) and bool(getattr(criterion, "needs_per_sample_gradients", False))

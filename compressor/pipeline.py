@@ -50,14 +50,26 @@ def check_fit(model: nn.Module, data: LoadedData) -> int:
     return classes
 
 
-def calibrate(model: nn.Module, data: LoadedData, *, batches: int, batch_size: int) -> None:
-    """Populate ``.grad`` with the summed gradients of ``batches`` batches (for gradient-based criteria)."""
+def calibrate(model: nn.Module, data: LoadedData, *, batches: int, batch_size: int,
+              criterion: criteria.Criterion | None = None) -> None:
+    """Populate ``.grad`` with the summed gradients of ``batches`` batches (for gradient-based criteria).
+
+    A ``criterion`` that declares ``needs_per_sample_gradients`` gets one backward pass per sample
+    instead, each followed by ``criterion.accumulate_grad(model)`` (torch-pruning's protocol).
+    """
+    per_sample = criteria.needs_per_sample_gradients(criterion)
     model.zero_grad(set_to_none=True)
     model.eval()  # gradients of the deployed function: BN statistics stay as trained
     for i, (xb, yb) in enumerate(iterate_batches(data.train_x, data.train_y, batch_size=batch_size)):
         if i >= batches:
             break
-        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        if not per_sample:
+            torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            continue
+        for x1, y1 in zip(xb.split(1), yb.split(1)):  # batch 1: cheaper than retaining the batch's graph
+            model.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x1), y1).backward()
+            criterion.accumulate_grad(model)
 
 
 def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedData, classes: int) -> dict[str, str]:
@@ -113,7 +125,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
 
     with clock.stage("prune"):
         if criteria.needs_gradients(criterion):
-            calibrate(original, data, batches=config.calibration_batches, batch_size=config.batch_size)
+            calibrate(original, data, batches=config.calibration_batches, batch_size=config.batch_size,
+                      criterion=criterion)
         scores = pruning.score_groups(coupling, criterion)
         original.zero_grad(set_to_none=True)
         progress.task("search for the FLOPs target", 0)

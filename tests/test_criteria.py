@@ -223,3 +223,49 @@ def test_the_same_entry_point_seen_twice_is_not_a_duplicate(installed, l2_entry_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [info.name for info in criteria.available_criteria()] == ["l2"]
+
+
+# -- the built-in criteria ------------------------------------------------------------------------------------
+
+BUILT_IN = {"l1", "l2", "bn-scale", "lamp", "fpgm", "taylor", "hessian", "lookahead", "ocs-saliency", "random"}
+
+
+def test_the_built_ins_come_from_the_compressor_distribution():
+    infos = {info.name: info for info in criteria.available_criteria()}
+
+    assert BUILT_IN <= set(infos)
+    for name in BUILT_IN:
+        assert infos[name].distribution == "compressor", name
+        assert infos[name].value.startswith("compressor.plugins."), infos[name].value
+
+
+@pytest.mark.parametrize("name", [info.name for info in criteria.available_criteria()])
+def test_every_registered_criterion_has_a_one_line_summary(name):
+    doc = criteria.resolve_criterion(name).__doc__ or ""
+    summary = doc.strip().splitlines()[0] if doc.strip() else ""
+
+    assert summary.endswith("."), f"{name}: the docstring must open with a one-line summary (shown by `compressor criteria`)"
+    assert len(summary) <= 100, f"{name}: summary too long for the listing: {summary!r}"
+
+
+def test_per_sample_gradients_are_declared_not_inferred():
+    class PerSampleOnly:
+        needs_per_sample_gradients = True  # without needs_gradients it means nothing
+
+    assert criteria.needs_per_sample_gradients(criteria.get_criterion("hessian")) is True
+    assert criteria.needs_gradients(criteria.get_criterion("hessian")) is True
+    assert criteria.needs_per_sample_gradients(criteria.get_criterion("taylor")) is False
+    assert criteria.needs_per_sample_gradients(criteria.get_criterion("helpers_criteria:NeedsGradients")) is False
+    assert criteria.needs_per_sample_gradients(PerSampleOnly()) is False
+    assert criteria.needs_per_sample_gradients(None) is False
+
+
+def test_toolbox_lists_every_built_in_with_its_needs():
+    result = CliRunner().invoke(toolbox, ["criteria"], env={"COLUMNS": "250"})
+
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") >= 4}
+    assert BUILT_IN <= set(rows)
+    for name in BUILT_IN:
+        assert f"compressor {compressor.__version__}" in rows[name]
+        assert ("gradients" if name in {"taylor", "hessian"} else "weights") in rows[name], rows[name]
