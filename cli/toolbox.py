@@ -30,6 +30,8 @@ def list_criteria() -> None:
                 continue
             needs = ("per-sample gradients" if criteria.needs_per_sample_gradients(cls)
                      else "gradients" if criteria.needs_gradients(cls) else "weights")
+            if criteria.needs_channel_costs(cls):
+                needs += ", channel costs"
             doc = (cls.__doc__ or "").strip().splitlines()
             table.add_row(info.name, f"{info.distribution or '?'} {info.version or ''}".strip(), needs, doc[0] if doc else "")
         out.print(table)

@@ -10,6 +10,14 @@ plain class attributes, never inferred:
 - ``needs_per_sample_gradients`` (with ``needs_gradients``): the calibration runs one backward pass
   per sample instead and calls the instance's ``accumulate_grad(model)`` after each (torch-pruning's
   protocol for its Hessian importance); ``.grad`` then holds the last sample's gradient.
+- ``needs_channel_costs``: before scoring, the pipeline measures what removing one unit of each group
+  saves (``pruning.channel_costs``, one pruned copy per group) and calls the instance's
+  ``set_channel_costs(costs)`` once with a :class:`ChannelCosts`. While scoring a group,
+  ``costs.of(group)`` is the fraction of the model's MACs that one of its units costs and
+  ``costs.index(group)`` its position in ``costs.fractions`` (every group's, in graph order), so a
+  criterion can weigh groups against each other. The costs are handed over once, not set per call:
+  the criterion stays a function of the group it is given (rooted at any of its layers), and one
+  called without them can say so instead of reading a stale value.
 
 Built-in criteria are registered in our own ``pyproject.toml`` exactly as a third party registers
 theirs; ``package.module:Class`` also works without any installation step.
@@ -19,18 +27,24 @@ from __future__ import annotations
 
 import functools
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from ._imports import import_object
-from .errors import ConfigError
+from .errors import ConfigError, GraphError
+
+if TYPE_CHECKING:
+    from .graph import CouplingGraph
 
 ENTRY_POINT_GROUP = "compressor.criteria"
 
-__all__ = ["Criterion", "CriterionInfo", "ENTRY_POINT_GROUP", "available_criteria", "get_criterion", "resolve_criterion"]
+__all__ = ["ChannelCosts", "Criterion", "CriterionInfo", "ENTRY_POINT_GROUP", "available_criteria", "get_criterion",
+           "resolve_criterion"]
 
 
 @runtime_checkable
@@ -50,6 +64,52 @@ class CriterionInfo:
     value: str
     distribution: str | None
     version: str | None
+
+
+@dataclass(frozen=True)
+class ChannelCosts:
+    """What one unit of each group costs, as a fraction of the model's MACs (for ``needs_channel_costs``)."""
+
+    fractions: tuple[float, ...]
+    """Per group, in the coupling graph's order."""
+    owners: Mapping[tuple[nn.Module, bool], int] = field(repr=False)
+    """(layer, its output side?) -> index of the group that prunes that side of the layer."""
+
+    @classmethod
+    def of_graph(cls, graph: CouplingGraph, fractions: Sequence[float]) -> ChannelCosts:
+        """Index ``fractions`` (one per group of ``graph``) by every layer side the groups prune.
+
+        A side that two groups share (a consumer reading a concatenation) finds neither; each
+        group's own root always finds it.
+        """
+        if len(fractions) != len(graph.groups):
+            raise ValueError(f"{len(fractions)} costs for {len(graph.groups)} groups")
+        layers = set(graph.model.modules())
+        owners: dict[tuple[nn.Module, bool], int] = {}
+        shared = set()
+        for spec in graph.groups:
+            for item in graph.tp_group(spec):
+                if item.dep.target.module in layers:
+                    key = (item.dep.target.module, graph.dg.is_out_channel_pruning_fn(item.dep.handler))
+                    if owners.setdefault(key, spec.index) != spec.index:
+                        shared.add(key)
+        for key in shared:
+            del owners[key]
+        owners.update({(graph.module(s.root), s.handler == "out"): s.index for s in graph.groups})
+        return cls(tuple(float(f) for f in fractions), owners)
+
+    def index(self, group: Any) -> int:
+        """Position in ``fractions`` of a torch-pruning group, whichever of its layers roots it."""
+        dep = group[0].dep
+        key = (dep.target.module, group._DG.is_out_channel_pruning_fn(dep.handler))
+        if key not in self.owners:
+            raise GraphError(f"no channel cost for the group rooted at {dep.target.module.__class__.__name__} "
+                             f"({'outputs' if key[1] else 'inputs'}): it is not one of the graph's groups")
+        return self.owners[key]
+
+    def of(self, group: Any) -> float:
+        """The fraction of the model's MACs that one unit of ``group`` costs."""
+        return self.fractions[self.index(group)]
 
 
 @functools.cache
@@ -128,3 +188,7 @@ def needs_gradients(criterion: object) -> bool:
 
 def needs_per_sample_gradients(criterion: object) -> bool:
     return needs_gradients(criterion) and bool(getattr(criterion, "needs_per_sample_gradients", False))
+
+
+def needs_channel_costs(criterion: object) -> bool:
+    return bool(getattr(criterion, "needs_channel_costs", False))

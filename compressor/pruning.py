@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import flops
-from .criteria import Criterion
+from .criteria import ChannelCosts, Criterion, needs_channel_costs
 from .errors import GraphError, TargetUnreachableError
 from .graph import CouplingGraph, GroupSpec, patch_attention, trace
 
@@ -71,6 +71,8 @@ class PruneResult:
 
 def score_groups(graph: CouplingGraph, criterion: Criterion) -> list[torch.Tensor]:
     """Per-unit scores of every group (higher = keep), blocks averaged where channels come in blocks."""
+    if needs_channel_costs(criterion):
+        criterion.set_channel_costs(ChannelCosts.of_graph(graph, channel_costs(graph)))
     scores = []
     for spec in graph.groups:
         with torch.no_grad():
@@ -87,6 +89,26 @@ def score_groups(graph: CouplingGraph, criterion: Criterion) -> list[torch.Tenso
         # NaN ranks first (no information), +inf never (an abstaining criterion protects the group).
         scores.append(torch.nan_to_num(imp, nan=0.0, posinf=math.inf, neginf=-math.inf))
     return scores
+
+
+def channel_costs(graph: CouplingGraph) -> list[float]:
+    """Per group, in order: the fraction of the model's MACs that removing one unit of it saves.
+
+    Measured, not modelled: each group gets one probe (a pruned copy without its unit 0, counted
+    like the search's probes), so residual streams, flattens and heads count whatever they couple.
+    One probe (a trace) per group is fine for now (7 s for MobileNetV2's 25 groups at 16x16 on one
+    thread); it is the thing to speed up if it shows. A group of a single unit is never pruned (its
+    last unit stays) and costs 0.
+    """
+    base = flops.measure(graph.model, graph.example_input).macs
+    costs = []
+    for spec in graph.groups:
+        if spec.units < 2:
+            costs.append(0.0)
+            continue
+        pruned = flops.measure(pruned_copy(graph, PruningPlan({spec.index: (0,)})), graph.example_input).macs
+        costs.append((base - pruned) / base)
+    return costs
 
 
 def apply_plan(graph: CouplingGraph, plan: PruningPlan) -> None:

@@ -227,7 +227,7 @@ def test_the_same_entry_point_seen_twice_is_not_a_duplicate(installed, l2_entry_
 
 # -- the built-in criteria ------------------------------------------------------------------------------------
 
-BUILT_IN = {"l1", "l2", "bn-scale", "lamp", "fpgm", "taylor", "hessian", "lookahead", "ocs-saliency", "random"}
+BUILT_IN = {"l1", "l2", "bn-scale", "lamp", "fpgm", "taylor", "hessian", "lookahead", "ocs-saliency", "ocs-saliency-flops", "random"}
 
 
 def test_the_built_ins_come_from_the_compressor_distribution():
