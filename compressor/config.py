@@ -27,12 +27,12 @@ class CompressConfig:
     """At most this fraction of any group's channels is removed."""
     round_to: int = 8
     """Kept channel counts are multiples of this (1 disables); odd widths can make a model slower."""
-    epochs: int = 3
+    epochs: int = 5
     """Fine-tuning epochs (one OneCycleLR cycle over all of them); 0 skips fine-tuning."""
-    batch_size: int = 64
+    batch_size: int = 32
     """Fine-tuning batch size."""
     lr: float | None = None
-    """Peak learning rate of the cycle (default: 0.01 for SGD, 0.001 for AdamW)."""
+    """Peak learning rate of the cycle (default: 0.02 for SGD, 0.001 for AdamW)."""
     optimizer: str = "sgd"
     """``sgd`` (momentum 0.9, Nesterov) or ``adamw``."""
     weight_decay: float = 5e-4
@@ -105,4 +105,4 @@ class CompressConfig:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 0.01 if self.optimizer == "sgd" else 1e-3
+        return 0.02 if self.optimizer == "sgd" else 1e-3
