@@ -30,6 +30,8 @@ def list_criteria() -> None:
                 continue
             needs = ("per-sample gradients" if criteria.needs_per_sample_gradients(cls)
                      else "gradients" if criteria.needs_gradients(cls) else "weights")
+            if criteria.needs_activations(cls):
+                needs = "activations" if needs == "weights" else needs + ", activations"
             if criteria.needs_channel_costs(cls):
                 needs += ", channel costs"
             doc = (cls.__doc__ or "").strip().splitlines()

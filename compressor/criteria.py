@@ -10,6 +10,10 @@ plain class attributes, never inferred:
 - ``needs_per_sample_gradients`` (with ``needs_gradients``): the calibration runs one backward pass
   per sample instead and calls the instance's ``accumulate_grad(model)`` after each (torch-pruning's
   protocol for its Hessian importance); ``.grad`` then holds the last sample's gradient.
+- ``needs_activations``: the pipeline runs ``calibration_batches`` forward passes on the fine-tuning
+  data with the model in eval mode and calls the instance's ``set_activations(stats)`` once, where
+  ``stats`` maps every convolution and linear layer to the mean absolute value of each of its input
+  channels (the last dimension for a linear layer) over those batches.
 - ``needs_channel_costs``: before scoring, the pipeline measures what removing one unit of each group
   saves (``pruning.channel_costs``, one pruned copy per group) and calls the instance's
   ``set_channel_costs(costs)`` once with a :class:`ChannelCosts`. While scoring a group,
@@ -188,6 +192,10 @@ def needs_gradients(criterion: object) -> bool:
 
 def needs_per_sample_gradients(criterion: object) -> bool:
     return needs_gradients(criterion) and bool(getattr(criterion, "needs_per_sample_gradients", False))
+
+
+def needs_activations(criterion: object) -> bool:
+    return bool(getattr(criterion, "needs_activations", False))
 
 
 def needs_channel_costs(criterion: object) -> bool:

@@ -72,6 +72,45 @@ def calibrate(model: nn.Module, data: LoadedData, *, batches: int, batch_size: i
             criterion.accumulate_grad(model)
 
 
+@torch.no_grad()
+def activation_stats(model: nn.Module, data: LoadedData, *, batches: int, batch_size: int) -> dict[nn.Module, torch.Tensor]:
+    """Mean absolute input activation per channel of every convolution and linear layer."""
+    sums: dict[nn.Module, torch.Tensor] = {}
+    counts: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, inputs: tuple, _output: object) -> None:
+        x = inputs[0].detach().abs()
+        if isinstance(module, nn.Linear):
+            x = x.reshape(-1, x.shape[-1])
+            value, n = x.sum(0), x.shape[0]
+        else:  # channels on dim 1
+            value, n = x.transpose(0, 1).reshape(x.shape[1], -1).sum(1), x.numel() // x.shape[1]
+        sums[module] = sums.get(module, 0) + value
+        counts[module] = counts.get(module, 0) + n
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        model.eval()
+        for i, (xb, _) in enumerate(iterate_batches(data.train_x, data.train_y, batch_size=batch_size)):
+            if i >= batches:
+                break
+            model(xb)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: sums[m] / counts[m] for m in sums}
+
+
+def prepare_criterion(criterion: criteria.Criterion, model: nn.Module, data: LoadedData, *, batches: int,
+                      batch_size: int) -> None:
+    """Feed ``criterion`` what it declares it needs: gradients and/or activation statistics."""
+    if criteria.needs_gradients(criterion):
+        calibrate(model, data, batches=batches, batch_size=batch_size, criterion=criterion)
+    if criteria.needs_activations(criterion):
+        criterion.set_activations(activation_stats(model, data, batches=batches, batch_size=batch_size))
+
+
 def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedData, classes: int) -> dict[str, str]:
     return {
         "producer": f"compressor {__version__}",
@@ -88,6 +127,13 @@ def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedD
         "num_classes": str(classes),
         "class_names": json.dumps(list(data.info.class_names) if data.info.class_names else None),
     }
+
+
+def _finetune_settings(config: CompressConfig) -> ft.FinetuneSettings:
+    return ft.FinetuneSettings(
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.peak_lr, optimizer=config.optimizer,
+        weight_decay=config.weight_decay, distill=config.distill, temperature=config.distill_temperature,
+        alpha=config.distill_alpha, seed=config.seed)
 
 
 def _versions() -> dict[str, str]:
@@ -124,9 +170,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         coupling = graph.trace(original, data.val_x[:1])
 
     with clock.stage("prune"):
-        if criteria.needs_gradients(criterion):
-            calibrate(original, data, batches=config.calibration_batches, batch_size=config.batch_size,
-                      criterion=criterion)
+        prepare_criterion(criterion, original, data, batches=config.calibration_batches, batch_size=config.batch_size)
         scores = pruning.score_groups(coupling, criterion)
         original.zero_grad(set_to_none=True)
         progress.task("search for the FLOPs target", 0)
@@ -150,16 +194,15 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
     finetune_result = None
     if config.epochs > 0:
         with clock.stage("fine-tune"):
-            settings = ft.FinetuneSettings(
-                epochs=config.epochs, batch_size=config.batch_size, lr=config.peak_lr, optimizer=config.optimizer,
-                weight_decay=config.weight_decay, distill=config.distill, temperature=config.distill_temperature,
-                alpha=config.distill_alpha, seed=config.seed)
-            finetune_result = ft.finetune(pruned, data, settings, teacher=original if config.distill else None,
-                                          device=device, progress=progress)
+            finetune_result = ft.finetune(pruned, data, _finetune_settings(config),
+                                          teacher=original if config.distill else None, device=device,
+                                          progress=progress)
             if finetune_result.stopped_early:
                 notes.append(f"fine-tuning stopped early: {finetune_result.stopped_early}")
                 progress.note(notes[-1])
-    acc_compressed = ft.accuracy(pruned, data.val_x, data.val_y)
+    # The pruned model's logits serve twice: its accuracy, and the reference the ONNX export must match.
+    reference = ft.predict(pruned, data.val_x)
+    acc_compressed = (reference.argmax(1) == data.val_y).float().mean().item()
 
     with outputs.staged_output(out, overwrite=config.overwrite) as stage:
         with clock.stage("export"):
@@ -174,7 +217,6 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
                 "num_classes": classes, "criterion": config.criterion, "target_flops": config.target_flops})
 
         with clock.stage("validate"):
-            reference = ft.predict(pruned, data.val_x)
             validation = validate.validate(stage / "original.onnx", stage / "model.onnx", reference_logits=reference,
                                            val_x=data.val_x, val_y=data.val_y, device=config.device,
                                            runs=config.latency_runs)

@@ -16,7 +16,7 @@ from compressor import criteria, graph, pruning
 from compressor.errors import TargetUnreachableError
 from compressor.export import INPUT_NAME, export_onnx
 from compressor.models import create_model
-from compressor.pipeline import calibrate
+from compressor.pipeline import prepare_criterion
 from compressor.validate import open_session
 
 IMAGE_SIZE = 16
@@ -48,10 +48,9 @@ def test_criterion_prunes_every_model_to_the_target(criterion_name, model_name, 
     coupling = graph.trace(model, example)
     criterion = criteria.get_criterion(criterion_name)
 
+    data = SimpleNamespace(train_x=torch.randn(16, 1, IMAGE_SIZE, IMAGE_SIZE), train_y=torch.arange(16) % NUM_CLASSES)
+    prepare_criterion(criterion, model, data, batches=2, batch_size=8)  # what the pipeline feeds it
     if criteria.needs_gradients(criterion):
-        data = SimpleNamespace(train_x=torch.randn(16, 1, IMAGE_SIZE, IMAGE_SIZE),
-                               train_y=torch.arange(16) % NUM_CLASSES)
-        calibrate(model, data, batches=2, batch_size=8, criterion=criterion)
         assert all(p.grad is not None for p in model.parameters()), "calibration left parameters without .grad"
     scores = pruning.score_groups(coupling, criterion)
     model.zero_grad(set_to_none=True)
