@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import LoadedData, iterate_batches
+from .data import LoadedData
 from .progress import Progress
 
 

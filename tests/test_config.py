@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from compressor import compress
-from compressor.config import CompressConfig
 from compressor.errors import ConfigError, OutputExistsError, TargetUnreachableError
 
 
