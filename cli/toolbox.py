@@ -1,7 +1,9 @@
-"""``compressor``: the toolbox around the main job (criteria, models)."""
+"""``compressor``: the toolbox around the main job (criteria, models, inspect)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -9,7 +11,7 @@ from rich.table import Table
 from ._render import out, quiet_library_warnings, run_guarded
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Tools around `compress`: list criteria and models.")
+                  help="Tools around `compress`: list criteria and models, inspect a model.")
 
 
 @app.command("criteria")
@@ -36,6 +38,55 @@ def list_criteria() -> None:
             doc = (cls.__doc__ or "").strip().splitlines()
             table.add_row(info.name, f"{info.distribution or '?'} {info.version or ''}".strip(), needs, doc[0] if doc else "")
         out.print(table)
+
+    run_guarded(job)
+
+
+@app.command("inspect")
+def inspect_command(
+    model: Annotated[Path, typer.Argument(help="The model file, as for `compress`.")],
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a state dict (see `compressor models`).")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Load a whole pickled module.")] = False,
+    input_shape: Annotated[str, typer.Option(help="One input's shape C,H,W.")] = "3,32,32",
+    max_prune_per_group: Annotated[float, typer.Option(help="Per-group cap, as for `compress`.")] = 0.75,
+) -> None:
+    """Show what the pruner sees: FLOPs, coupled groups, protected layers, and the smallest reachable FLOPs ratio."""
+    quiet_library_warnings()
+
+    def job():
+        import torch
+
+        from compressor.errors import ConfigError
+        from compressor.loading import load_model
+        from compressor.preflight import inspect_model
+
+        try:
+            shape = tuple(int(v) for v in input_shape.split(","))
+        except ValueError:
+            raise ConfigError(f"--input-shape takes C,H,W, got {input_shape!r}") from None
+        if len(shape) != 3 or min(shape) < 1:
+            raise ConfigError(f"--input-shape takes three positive integers C,H,W, got {input_shape!r}")
+        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, image_size=shape[-1])
+        report = inspect_model(loaded.model, torch.zeros(1, *shape), max_prune_fraction=max_prune_per_group)
+        out.print(f"{model.name}: {report.macs / 1e6:.2f}M MACs, {report.params / 1e6:.3f}M parameters, "
+                  f"{len(report.groups)} prunable groups", highlight=False)
+        table = Table("group (root layer)", "channels", "units", "layers")
+        for g in report.groups:
+            table.add_row(g.root, str(g.channels), str(g.units), str(g.layers))
+        out.print(table)
+        for name, why in report.protected.items():
+            out.print(f"protected: {name}: {why}", highlight=False)
+        for name in report.attention:
+            out.print(f"attention: {name} (heads pruned evenly; head_dim follows)", highlight=False)
+        if report.frozen:
+            out.print(f"frozen parameters (pruned, not fine-tuned): {len(report.frozen)}", highlight=False)
+        if report.unwrapped:
+            out.print(f"unwrapped parameters: {', '.join(report.unwrapped)}", highlight=False)
+        if report.min_reachable_ratio is not None:
+            out.print(f"smallest reachable FLOPs ratio at --max-prune-per-group {max_prune_per_group:g}: "
+                      f"{report.min_reachable_ratio:.3f}", highlight=False)
+        else:
+            out.print("nothing in this model can be pruned", highlight=False)
 
     run_guarded(job)
 

@@ -171,6 +171,16 @@ def _plan(chunks: list[Chunk]) -> PruningPlan:
     return PruningPlan.from_units([(g, u) for g, units in chunks for u in units])
 
 
+def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_fraction: float,
+                round_to: int = 1) -> float:
+    """The smallest MACs ratio the search can reach: every group pruned to its cap."""
+    order = _chunks(graph.groups, scores, max_fraction=max_prune_fraction, round_to=round_to)
+    if not order:
+        raise TargetUnreachableError("nothing in the model can be pruned (every group is protected or capped)")
+    pruned = pruned_copy(graph, _plan(order))
+    return flops.measure(pruned, graph.example_input).macs / flops.measure(graph.model, graph.example_input).macs
+
+
 def _one_group_fill(base, scores, groups, probe, *, lower, target, max_fraction):
     """With rounding, a target between two rounded plans is met by giving one group a width off the
     multiple: bisect, group by group, over its next-ranked single units."""

@@ -1,0 +1,41 @@
+"""``compressor inspect`` and the library call behind it."""
+
+from __future__ import annotations
+
+import torch
+from typer.testing import CliRunner
+
+from compressor.cli.toolbox import app as toolbox
+from compressor.models import create_model
+from compressor.preflight import inspect_model
+
+
+def test_inspection_of_the_vit_finds_heads_position_embedding_and_classifier():
+    model = create_model("vit_tiny", num_classes=10, in_channels=1, image_size=16).eval()
+    model.patch_embed.weight.requires_grad_(False)
+
+    report = inspect_model(model, torch.randn(1, 1, 16, 16))
+
+    assert report.protected == {"head": "classifier (its width is the number of classes)"}
+    assert report.attention == [f"blocks.{i}.attn" for i in range(4)]
+    assert report.unwrapped == ["pos_embed"]
+    assert report.frozen == ["patch_embed.weight"]
+    assert {g.root for g in report.groups} >= {"blocks.0.fc1", "blocks.0.attn.proj"}
+    assert 0 < report.min_reachable_ratio < 0.5
+
+
+def test_inspect_command_lists_groups_and_the_floor(model_path):
+    result = CliRunner().invoke(toolbox, ["inspect", str(model_path), "--arch", "resnet20", "--input-shape", "1,16,16"])
+
+    assert result.exit_code == 0, result.output
+    assert "layers.6.shortcut.0" in result.stdout
+    assert "protected: fc" in result.stdout
+    assert "smallest reachable FLOPs ratio" in result.stdout
+
+
+def test_inspect_command_rejects_a_bad_shape_in_one_line(model_path):
+    result = CliRunner().invoke(toolbox, ["inspect", str(model_path), "--arch", "resnet20", "--input-shape", "16,16"])
+
+    assert result.exit_code == 2
+    assert "--input-shape" in result.stderr
+    assert "Traceback" not in result.output
