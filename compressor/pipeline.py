@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from . import __version__, checkpoint, criteria, finetune as ft, graph, outputs, pruning, report, validate
+from .calibration import activation_stats, calibrate, prepare_criterion  # noqa: F401  (public here too)
 from .config import CompressConfig
-from .data import LoadedData, iterate_batches, load_data
+from .data import LoadedData, load_data
 from .errors import ConfigError, DataError
 from .export import export_onnx
 from .loading import load_model
@@ -47,67 +48,6 @@ def check_fit(model: nn.Module, data: LoadedData) -> int:
         raise DataError(f"labels go up to {data.info.num_classes - 1} but the model's classifier has {classes} outputs",
                         hint="the data's labels must be class indices 0..classes-1 of the model")
     return classes
-
-
-def calibrate(model: nn.Module, data: LoadedData, *, batches: int, batch_size: int,
-              criterion: criteria.Criterion | None = None) -> None:
-    """Populate ``.grad`` with the summed gradients of ``batches`` batches (for gradient-based criteria).
-
-    A ``criterion`` that declares ``needs_per_sample_gradients`` gets one backward pass per sample
-    instead, each followed by ``criterion.accumulate_grad(model)`` (torch-pruning's protocol).
-    """
-    per_sample = criteria.needs_per_sample_gradients(criterion)
-    model.zero_grad(set_to_none=True)
-    model.eval()  # gradients of the deployed function: BN statistics stay as trained
-    for i, (xb, yb) in enumerate(iterate_batches(data.train_x, data.train_y, batch_size=batch_size)):
-        if i >= batches:
-            break
-        if not per_sample:
-            torch.nn.functional.cross_entropy(model(xb), yb).backward()
-            continue
-        for x1, y1 in zip(xb.split(1), yb.split(1)):  # batch 1: cheaper than retaining the batch's graph
-            model.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x1), y1).backward()
-            criterion.accumulate_grad(model)
-
-
-@torch.no_grad()
-def activation_stats(model: nn.Module, data: LoadedData, *, batches: int, batch_size: int) -> dict[nn.Module, torch.Tensor]:
-    """Mean absolute input activation per channel of every convolution and linear layer."""
-    sums: dict[nn.Module, torch.Tensor] = {}
-    counts: dict[nn.Module, int] = {}
-
-    def hook(module: nn.Module, inputs: tuple, _output: object) -> None:
-        x = inputs[0].detach().abs()
-        if isinstance(module, nn.Linear):
-            x = x.reshape(-1, x.shape[-1])
-            value, n = x.sum(0), x.shape[0]
-        else:  # channels on dim 1
-            value, n = x.transpose(0, 1).reshape(x.shape[1], -1).sum(1), x.numel() // x.shape[1]
-        sums[module] = sums.get(module, 0) + value
-        counts[module] = counts.get(module, 0) + n
-
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        model.eval()
-        for i, (xb, _) in enumerate(iterate_batches(data.train_x, data.train_y, batch_size=batch_size)):
-            if i >= batches:
-                break
-            model(xb)
-    finally:
-        for h in handles:
-            h.remove()
-    return {m: sums[m] / counts[m] for m in sums}
-
-
-def prepare_criterion(criterion: criteria.Criterion, model: nn.Module, data: LoadedData, *, batches: int,
-                      batch_size: int) -> None:
-    """Feed ``criterion`` what it declares it needs: gradients and/or activation statistics."""
-    if criteria.needs_gradients(criterion):
-        calibrate(model, data, batches=batches, batch_size=batch_size, criterion=criterion)
-    if criteria.needs_activations(criterion):
-        criterion.set_activations(activation_stats(model, data, batches=batches, batch_size=batch_size))
 
 
 def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedData, classes: int) -> dict[str, str]:

@@ -6,8 +6,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ._wrapped import WrappedImportance
 
-class Taylor:
+
+class Taylor(WrappedImportance):
     """First-order Taylor: |weight x gradient| summed over each channel's coupled weights.
 
     Wraps torch-pruning's ``GroupTaylorImportance`` (Molchanov et al. 2019) on the gradients the
@@ -16,11 +18,8 @@ class Taylor:
 
     needs_gradients = True
 
-    def __init__(self) -> None:
-        self._imp = tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer="mean")
-
-    def __call__(self, group: tp.Group) -> torch.Tensor | None:
-        return self._imp(group)
+    def build(self) -> tp.importance.Importance:
+        return tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer="mean")
 
 
 class Hessian:

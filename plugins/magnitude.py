@@ -7,42 +7,33 @@ different sizes rank on one global scale.
 
 from __future__ import annotations
 
-import torch
 import torch_pruning as tp
 
+from ._wrapped import WrappedImportance
 
-class GroupL2:
+
+class GroupL2(WrappedImportance):
     """Group L2 magnitude: each channel's squared weights summed over every coupled layer.
 
     Wraps torch-pruning's ``GroupMagnitudeImportance(p=2)``: per-layer scores are averaged over the
     group and normalised by their mean, so groups of different sizes rank on one global scale.
     """
 
-    needs_gradients = False
-
-    def __init__(self) -> None:
-        self._imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="mean")
-
-    def __call__(self, group: tp.Group) -> torch.Tensor | None:
-        return self._imp(group)
+    def build(self) -> tp.importance.Importance:
+        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer="mean")
 
 
-class GroupL1:
+class GroupL1(WrappedImportance):
     """Group L1 magnitude: each channel's absolute weights summed over every coupled layer.
 
     Wraps torch-pruning's ``GroupMagnitudeImportance(p=1)``, averaged and mean-normalised like ``l2``.
     """
 
-    needs_gradients = False
-
-    def __init__(self) -> None:
-        self._imp = tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer="mean")
-
-    def __call__(self, group: tp.Group) -> torch.Tensor | None:
-        return self._imp(group)
+    def build(self) -> tp.importance.Importance:
+        return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer="mean")
 
 
-class BNScale:
+class BNScale(WrappedImportance):
     """Network slimming: |gamma| of the group's batch norms; abstains where a group has none.
 
     Wraps torch-pruning's ``BNScaleImportance`` (Liu et al. 2017), averaged over the group's batch
@@ -50,26 +41,16 @@ class BNScale:
     any (a transformer) nothing can be pruned and the search says so.
     """
 
-    needs_gradients = False
-
-    def __init__(self) -> None:
-        self._imp = tp.importance.BNScaleImportance(group_reduction="mean", normalizer="mean")
-
-    def __call__(self, group: tp.Group) -> torch.Tensor | None:
-        return self._imp(group)
+    def build(self) -> tp.importance.Importance:
+        return tp.importance.BNScaleImportance(group_reduction="mean", normalizer="mean")
 
 
-class LAMP:
+class LAMP(WrappedImportance):
     """LAMP: group L2 magnitude divided by the sum of the scores not below it.
 
     Wraps torch-pruning's ``LAMPImportance``: within a group the top channel scores 1 and the others
     their share of what would remain, a layer-adaptive scale for the global ranking (Lee et al. 2021).
     """
 
-    needs_gradients = False
-
-    def __init__(self) -> None:
-        self._imp = tp.importance.LAMPImportance(p=2, group_reduction="mean", normalizer="lamp")
-
-    def __call__(self, group: tp.Group) -> torch.Tensor | None:
-        return self._imp(group)
+    def build(self) -> tp.importance.Importance:
+        return tp.importance.LAMPImportance(p=2, group_reduction="mean", normalizer="lamp")
