@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -86,9 +87,15 @@ def before_after_table(rows: list[tuple[str, str, str, str]], title: str) -> Tab
     for name, justify in (("", "left"), ("original", "right"), ("compressed", "right"), ("change", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in rows:
-        style = "bold red" if "SLOWER" in row[3] else None
+        style = "bold red" if "SLOWER" in row[3] or "NOT FASTER" in row[3] else None
         table.add_row(*row, style=style)
     return table
+
+
+def alert_panel(messages: list[str]) -> Panel:
+    """Speed problems in a red box: a compressed model that is not faster must not pass unnoticed."""
+    return Panel("\n".join(f"[bold red]{m}[/]" for m in messages), title="[bold red]NOT FASTER[/]",
+                 border_style="bold red", title_align="left")
 
 
 def is_tty() -> bool:

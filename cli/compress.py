@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._render import RichProgress, before_after_table, err, out, quiet_library_warnings, run_guarded
+from ._render import RichProgress, alert_panel, before_after_table, err, out, quiet_library_warnings, run_guarded
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -25,10 +25,14 @@ def _floats(value: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
 @app.command()
 def compress(
     model: Annotated[Path, typer.Argument(help="Trained model: a state dict (with --arch) or a pickled module (with --trust-pickle).")],
-    target_flops: Annotated[float, typer.Option(help="Fraction of the original FLOPs to keep, 0 < x < 1. FLOPs are "
-                                                "multiply-accumulates (MACs) as torch-pruning counts them, batch 1.")],
     data: Annotated[Path, typer.Option(help="Labelled images: .npz (images/labels or x/y), .pt dict of tensors, "
                                        "or a folder with one sub-folder per class.")],
+    target_flops: Annotated[Optional[float], typer.Option(help="Fraction of the original FLOPs to keep, 0 < x < 1. FLOPs are "
+                                                          "multiply-accumulates (MACs) as torch-pruning counts them, batch 1.")] = None,
+    target_latency: Annotated[Optional[float], typer.Option(help="Fraction of the original's onnxruntime latency to reach, "
+                                                            "0 < x < 1, measured on the run's execution provider; with "
+                                                            "--target-flops both must hold.")] = None,
+    latency_batch: Annotated[int, typer.Option(help="Batch size at which --target-latency is measured.")] = 1,
     arch: Annotated[Optional[str], typer.Option(help="Architecture of a state dict: a name from `compressor models` "
                                                 "or package.module:factory.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Load a whole pickled module. It can run "
@@ -57,29 +61,35 @@ def compress(
     latency_runs: Annotated[int, typer.Option(help="Timed runs per model at batch 1 (a third of that at batch 64).")] = 30,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
 ) -> None:
-    """Prune MODEL structurally to a FLOPs target, fine-tune it for one cycle, and export a smaller,
+    """Prune MODEL structurally to a FLOPs and/or latency target, fine-tune it for one cycle, and export a smaller,
     validated ONNX model with a report."""
     quiet_library_warnings()
 
     def job():
         from compressor import CompressConfig, compress as run
-        from compressor.report import table_rows, to_dict
+        from compressor.report import alerts, table_rows, to_dict
 
         config = CompressConfig(
-            model_path=model, data_path=data, target_flops=target_flops, arch=arch, trust_pickle=trust_pickle,
+            model_path=model, data_path=data, target_flops=target_flops, target_latency=target_latency,
+            latency_batch=latency_batch, arch=arch, trust_pickle=trust_pickle,
             criterion=criterion, max_prune_per_group=max_prune_per_group, round_to=round_to, epochs=epochs, batch_size=batch_size,
             lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
             overwrite=overwrite, latency_runs=latency_runs)
         result = run(config, progress=RichProgress())
+        speed = alerts(result)
         if json_output:
             out.print_json(json.dumps(to_dict(result)))
-            return
-        out.print(before_after_table(table_rows(result), f"{model.name}: before / after"))
-        for warning in result.warnings:
-            err.print(f"[bold red]warning:[/] {warning}", highlight=False)
-        out.print(f"Wrote {result.out_dir}/: model.onnx, original.onnx, model.pt, report.json, report.md", highlight=False)
+        else:
+            out.print(before_after_table(table_rows(result), f"{model.name}: before / after"))
+            for warning in result.warnings:
+                if warning not in speed:
+                    err.print(f"[bold red]warning:[/] {warning}", highlight=False)
+        if speed:
+            err.print(alert_panel(speed))  # on stderr, so that --json output stays parseable
+        if not json_output:
+            out.print(f"Wrote {result.out_dir}/: model.onnx, original.onnx, model.pt, report.json, report.md", highlight=False)
 
     run_guarded(job)
 

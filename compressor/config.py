@@ -15,8 +15,12 @@ class CompressConfig:
     """The trained model: a state dict (with ``arch``) or a pickled module (with ``trust_pickle``)."""
     data_path: Path
     """Labelled images for fine-tuning and validation (.npz, .pt dict, or image folder)."""
-    target_flops: float
-    """Fraction of the original MACs to keep, 0 < x < 1."""
+    target_flops: float | None = None
+    """Fraction of the original MACs to keep, 0 < x < 1 (optional with ``target_latency``)."""
+    target_latency: float | None = None
+    """Fraction of the original's onnxruntime latency to reach, 0 < x < 1, measured on the run's EP."""
+    latency_batch: int = 1
+    """Batch size at which ``target_latency`` is measured."""
     arch: str | None = None
     """Architecture of a state dict: a name from ``compressor.models`` or ``package.module:factory``."""
     trust_pickle: bool = False
@@ -65,9 +69,17 @@ class CompressConfig:
     """Timed runs per model at batch 1 (a third of that, at least 5, at batch 64)."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.target_flops, (int, float)) and 0 < self.target_flops < 1):
-            raise ConfigError(f"--target-flops must lie strictly between 0 and 1, got {self.target_flops}",
-                              hint="0.5 keeps half of the original FLOPs")
+        if self.target_flops is None and self.target_latency is None:
+            raise ConfigError("give --target-flops, --target-latency or both",
+                              hint="--target-flops 0.5 keeps half of the original FLOPs; --target-latency 0.5 "
+                                   "halves the measured onnxruntime latency")
+        for flag, value in (("--target-flops", self.target_flops), ("--target-latency", self.target_latency)):
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise ConfigError(f"{flag} must lie strictly between 0 and 1, got {value}",
+                                  hint="0.5 keeps half of the original FLOPs" if flag == "--target-flops"
+                                  else "0.5 asks for half of the original's measured latency")
+        if self.latency_batch < 1:
+            raise ConfigError(f"--latency-batch must be at least 1, got {self.latency_batch}")
         if not 0 < self.max_prune_per_group < 1:
             raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {self.max_prune_per_group}")
         if self.round_to < 1:

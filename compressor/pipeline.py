@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, criteria, finetune as ft, graph, outputs, pruning, report, validate
+from . import __version__, checkpoint, criteria, finetune as ft, graph, latency, outputs, profile, pruning, report, validate
 from .calibration import activation_stats, calibrate, prepare_criterion  # noqa: F401  (public here too)
 from .config import CompressConfig
 from .data import LoadedData, load_data
@@ -54,7 +54,7 @@ def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedD
     return {
         "producer": f"compressor {__version__}",
         "criterion": config.criterion,
-        "target_flops_ratio": f"{config.target_flops:g}",
+        "target_flops_ratio": f"{result.target_ratio:g}",
         "achieved_flops_ratio": f"{result.achieved_ratio:.6f}",
         "flops_original": str(result.original.macs),
         "flops_compressed": str(result.pruned.macs),
@@ -112,9 +112,11 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         prepare_criterion(criterion, original, data, batches=config.calibration_batches, batch_size=config.batch_size)
         scores = pruning.score_groups(coupling, criterion)
         original.zero_grad(set_to_none=True)
+        flops_ratio, latency_search = latency.resolve_target(coupling, scores, config, round_to=config.round_to,
+                                                             sample=data.val_x[:64], progress=progress)
         progress.task("search for the FLOPs target", 0)
         pruned, prune_result = pruning.search(
-            coupling, scores, target_ratio=config.target_flops, max_prune_fraction=config.max_prune_per_group,
+            coupling, scores, target_ratio=flops_ratio, max_prune_fraction=config.max_prune_per_group,
             round_to=config.round_to,
             on_probe=lambda n, r: progress.advance(1, flops_ratio=r))
         progress.done()
@@ -158,12 +160,11 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         with clock.stage("validate"):
             validation = validate.validate(stage / "original.onnx", stage / "model.onnx", reference_logits=reference,
                                            val_x=data.val_x, val_y=data.val_y, device=config.device,
-                                           runs=config.latency_runs)
-        for lat in validation.latency:
-            if lat.speedup < 1:
-                notes.append(f"the compressed model is SLOWER than the original at batch {lat.batch} on "
-                             f"{validation.provider} ({lat.speedup:.2f}x); channel widths that are not hardware-friendly "
-                             "can do this")
+                                           runs=config.latency_runs, batches=tuple(sorted({1, 64, config.latency_batch})))
+            layers = profile.layer_profile(original, pruned, stage / "original.onnx", stage / "model.onnx",
+                                           example_input=example, sample=data.val_x[:64], batch=config.latency_batch,
+                                           device=config.device)
+        notes += report.speed_warnings(validation, latency_search, round_to=config.round_to)
         result = report.CompressResult(
             out_dir=out,
             model={"source": str(config.model_path), "kind": loaded.kind, "arch": loaded.arch,
@@ -174,6 +175,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
             accuracy_pruned_recalibrated=acc_recalibrated,
             accuracy_compressed=acc_compressed, finetune=finetune_result, validation=validation,
             onnx_bytes=exported.bytes, onnx_original_bytes=exported_original.bytes,
-            stage_seconds=clock.seconds, device=str(device), versions=_versions(), warnings=notes)
+            stage_seconds=clock.seconds, device=str(device), versions=_versions(), warnings=notes,
+            requested_flops=config.target_flops, latency_search=latency_search, layer_profile=layers)
         report.write_reports(result, stage)
     return result

@@ -9,8 +9,13 @@ from typing import Any
 
 from .data import DataInfo
 from .finetune import FinetuneResult
+from .latency import LatencySearchResult
+from .profile import LayerProfile
 from .pruning import PruneResult
-from .validate import ValidationResult
+from .validate import Latency, ValidationResult
+
+NOT_FASTER_BELOW = 1.05
+"""A speed-up under this is reported as not faster: within the noise of a busy machine, or no gain worth a pruned model."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,46 @@ class CompressResult:
     device: str
     versions: dict[str, str]
     warnings: list[str]
+    requested_flops: float | None = None
+    """``--target-flops`` as given (None when only a latency target was)."""
+    latency_search: LatencySearchResult | None = None
+    layer_profile: LayerProfile | None = None
+
+
+def not_faster(validation: ValidationResult) -> list[Latency]:
+    """The batch sizes at which the compressed model is not clearly faster than the original."""
+    return [l for l in validation.latency if l.speedup < NOT_FASTER_BELOW]
+
+
+def speed_warnings(validation: ValidationResult, search: LatencySearchResult | None, *, round_to: int) -> list[str]:
+    """What the run must say loudly: a model that is not faster, or a latency target missed at validation."""
+    fix = ("rounding kept widths to hardware-friendly multiples (--round-to 8 or 16"
+           + (f"; this run used {round_to})" if round_to != 8 else ")")
+           + ", or --target-latency X, which measures candidates on this execution provider")
+    notes = []
+    for l in not_faster(validation):
+        how = "SLOWER than" if l.speedup < 1 else "NOT FASTER than"
+        notes.append(f"the compressed model is {how} the original at batch {l.batch} on {validation.provider} "
+                     f"({l.speedup:.2f}x, medians {l.original_ms:.2f} vs {l.compressed_ms:.2f} ms); try {fix}")
+    if search is not None:
+        measured = _latency_ratio(validation, search.batch)
+        if measured is not None and measured > search.target + search.spread:
+            notes.append(f"--target-latency {search.target:g} was met during the search ({search.latency_ratio:.3f}) "
+                         f"but validation measured {measured:.3f} at batch {search.batch}, beyond the search's spread "
+                         f"({search.spread:.3f}): the machine's load may have changed")
+    return notes
+
+
+def alerts(r: CompressResult) -> list[str]:
+    """The warnings about speed, which the command line shows in a panel rather than among the notes."""
+    return speed_warnings(r.validation, r.latency_search, round_to=r.prune.round_to)
+
+
+def _latency_ratio(validation: ValidationResult, batch: int) -> float | None:
+    for l in validation.latency:
+        if l.batch == batch:
+            return l.compressed_ms / l.original_ms
+    return None
 
 
 def to_dict(r: CompressResult) -> dict[str, Any]:
@@ -69,7 +114,38 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
         "device": r.device,
         "versions": r.versions,
         "warnings": r.warnings,
+        "not_faster": [{"batch": l.batch, "speedup": l.speedup, "provider": r.validation.provider}
+                       for l in not_faster(r.validation)],
+        "targets": _targets(r),
+        "layer_profile": _layer_profile(r.layer_profile),
     }
+
+
+def _targets(r: CompressResult) -> dict[str, Any]:
+    """Requested vs achieved FLOPs and latency."""
+    s = r.latency_search
+    latency = None
+    if s is not None:
+        latency = {"requested_ratio": s.target, "batch": s.batch, "provider": s.provider,
+                   "achieved_ratio": _latency_ratio(r.validation, s.batch), "search_ratio": s.latency_ratio,
+                   "search_spread": s.spread, "limited_by": s.limited_by, "flops_ratio_chosen": s.flops_ratio,
+                   "search_seconds": s.seconds,
+                   "probes": [asdict(p) for p in s.probes]}
+    return {"flops": {"requested_ratio": r.requested_flops, "achieved_ratio": r.prune.achieved_ratio},
+            "latency": latency}
+
+
+def _layer_profile(lp: LayerProfile | None) -> dict[str, Any] | None:
+    if lp is None:
+        return None
+    return {"batch": lp.batch, "provider": lp.provider, "layers": [asdict(l) for l in lp.layers],
+            "other_latency_share_original": lp.other_latency_share_original,
+            "other_latency_share_compressed": lp.other_latency_share_compressed,
+            "note": "latency shares from onnxruntime's profiler at the extended optimisation level"}
+
+
+def _opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _ratio(a: float, b: float) -> str:
@@ -90,8 +166,10 @@ def table_rows(r: CompressResult) -> list[tuple[str, str, str, str]]:
     ]
     for l in v.latency:
         rows.append((f"Latency batch {l.batch} ({v.provider.replace('ExecutionProvider', '')})",
-                     f"{l.original_ms:.2f} ms", f"{l.compressed_ms:.2f} ms", f"{_ratio(l.original_ms, l.compressed_ms)} faster"
-                     if l.speedup >= 1 else f"{_ratio(l.original_ms, l.compressed_ms)} (SLOWER)"))
+                     f"{l.original_ms:.2f} ms", f"{l.compressed_ms:.2f} ms",
+                     f"{_ratio(l.original_ms, l.compressed_ms)} faster" if l.speedup >= NOT_FASTER_BELOW
+                     else f"{_ratio(l.original_ms, l.compressed_ms)} (SLOWER)" if l.speedup < 1
+                     else f"{_ratio(l.original_ms, l.compressed_ms)} (NOT FASTER)"))
     return rows
 
 
@@ -99,9 +177,34 @@ def to_markdown(r: CompressResult) -> str:
     d = to_dict(r)
     lines = [f"# Compression report: {r.model.get('source', '')}", "",
              f"Target {r.prune.target_ratio:g} of the original FLOPs, criterion `{r.criterion}`; "
-             f"achieved {r.prune.achieved_ratio:.4f}.", "",
-             "| | original | compressed | change |", "|---|---|---|---|"]
+             f"achieved {r.prune.achieved_ratio:.4f}.", ""]
+    lines += [f"> **WARNING: {w}**" for w in alerts(r)]
+    lines += ["", "| | original | compressed | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in table_rows(r)]
+    t = d["targets"]
+    lines += ["", "## Targets: requested vs achieved", "", "| target | requested | achieved |", "|---|---|---|",
+              f"| FLOPs ratio | {_opt(t['flops']['requested_ratio'])} | {t['flops']['achieved_ratio']:.4f} |"]
+    if t["latency"]:
+        lat = t["latency"]
+        lines += [f"| latency ratio, batch {lat['batch']} ({lat['provider']}) | {lat['requested_ratio']:g} | "
+                  f"{_opt(lat['achieved_ratio'])} at validation; {lat['search_ratio']:.3f} ± {lat['search_spread']:.3f} "
+                  f"(IQR of per-round ratios) in the search |", "",
+                  f"The latency search timed {len(lat['probes'])} candidates in {lat['search_seconds']:.1f} s and chose "
+                  f"FLOPs ratio {lat['flops_ratio_chosen']:.4f} (limited by the {lat['limited_by']} target):", "",
+                  "| FLOPs target | FLOPs achieved | latency ratio | spread | meets |", "|---|---|---|---|---|"]
+        lines += [f"| {p['flops_target']:.4f} | {p['flops_ratio']:.4f} | {p['latency_ratio']:.3f} | {p['spread']:.3f} | "
+                  f"{'yes' if p['meets'] else 'no'} |" for p in lat["probes"]]
+    lp = d["layer_profile"]
+    if lp:
+        lines += ["", f"## Where FLOPs and time go (batch {lp['batch']}, {lp['provider']})", "",
+                  "Shares of the model's MACs and of onnxruntime's per-node kernel time (profiler, extended "
+                  "optimisation level), original -> compressed.", "",
+                  "| layer | channels before | after | FLOPs share | latency share |", "|---|---|---|---|---|"]
+        lines += [f"| {l['layer']} | {l['channels_before']} | {l['channels_after']} | "
+                  f"{l['flops_share_original']:.1%} -> {l['flops_share_compressed']:.1%} | "
+                  f"{l['latency_share_original']:.1%} -> {l['latency_share_compressed']:.1%} |" for l in lp["layers"]]
+        lines += [f"| (everything else) | | | | {lp['other_latency_share_original']:.1%} -> "
+                  f"{lp['other_latency_share_compressed']:.1%} |"]
     lines += ["", "## Accuracy on the validation split", "",
               f"- original (PyTorch): {r.accuracy_original:.2%}",
               f"- right after pruning, before fine-tuning: {r.accuracy_pruned_before_finetune:.2%}",

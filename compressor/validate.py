@@ -11,6 +11,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,12 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def open_session(model: bytes | Path, *, device: str = "auto", threads: int | None = None) -> Any:
-    """An onnxruntime session for ``model`` with onnxruntime's logging silenced."""
+def open_session(model: bytes | Path, *, device: str = "auto", threads: int | None = None,
+                 configure: Callable[[Any], None] | None = None) -> Any:
+    """An onnxruntime session for ``model`` with onnxruntime's logging silenced.
+
+    ``configure`` may adjust the ``SessionOptions`` further (the layer profile turns on profiling).
+    """
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
@@ -92,6 +97,8 @@ def open_session(model: bytes | Path, *, device: str = "auto", threads: int | No
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if configure:
+        configure(options)
     source = model if isinstance(model, bytes) else str(model)
     with _quiet_native_stderr() as captured:
         try:
@@ -130,28 +137,42 @@ def onnx_accuracy(session: Any, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((run(session, x).argmax(1) == y.numpy()).mean())
 
 
-def latency(original: Any, compressed: Any, sample: torch.Tensor, *, batch: int, runs: int, warmup: int = 5) -> Latency:
-    """Median latency of both sessions on one batch, timed interleaved so drift hits both alike."""
+def feed_for(sample: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
+    """An input of ``batch`` images, ``sample`` repeated as often as needed."""
     reps = -(-batch // len(sample))
-    feed = {INPUT_NAME: sample.repeat(reps, 1, 1, 1)[:batch].numpy()}
+    return {INPUT_NAME: sample.repeat(reps, 1, 1, 1)[:batch].numpy()}
+
+
+def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs: int, warmup: int = 5) -> list[list[float]]:
+    """Milliseconds of ``runs`` runs of each session on ``feed``, timed interleaved so drift hits all alike.
+
+    The order rotates from one round to the next, so no session always runs on a warmer cache.
+    """
     for _ in range(warmup):
-        original.run(None, feed)
-        compressed.run(None, feed)
-    times: dict[str, list[float]] = {"o": [], "c": []}
-    for i in range(runs):
-        # Alternate which goes first, so neither always runs on a warmer cache.
-        pair = (("o", original), ("c", compressed)) if i % 2 == 0 else (("c", compressed), ("o", original))
-        for key, session in pair:
-            t = time.perf_counter()
+        for session in sessions:
             session.run(None, feed)
-            times[key].append((time.perf_counter() - t) * 1e3)
+    times: list[list[float]] = [[] for _ in sessions]
+    for i in range(runs):
+        order = list(range(len(sessions)))
+        order = order[i % len(order):] + order[: i % len(order)]
+        for k in order:
+            t = time.perf_counter()
+            sessions[k].run(None, feed)
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return times
 
-    def iqr(v: list[float]) -> float:
-        q = statistics.quantiles(v, n=4) if len(v) > 1 else [0, 0, 0]
-        return q[2] - q[0]
 
-    return Latency(batch=batch, original_ms=statistics.median(times["o"]), compressed_ms=statistics.median(times["c"]),
-                   original_spread_ms=iqr(times["o"]), compressed_spread_ms=iqr(times["c"]), runs=runs)
+def iqr(values: list[float]) -> float:
+    """Interquartile range (0 for a single value)."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [0, 0, 0]
+    return q[2] - q[0]
+
+
+def latency(original: Any, compressed: Any, sample: torch.Tensor, *, batch: int, runs: int, warmup: int = 5) -> Latency:
+    """Median latency of both sessions on one batch, timed interleaved."""
+    o, c = interleaved_times([original, compressed], feed_for(sample, batch), runs=runs, warmup=warmup)
+    return Latency(batch=batch, original_ms=statistics.median(o), compressed_ms=statistics.median(c),
+                   original_spread_ms=iqr(o), compressed_spread_ms=iqr(c), runs=runs)
 
 
 def validate(

@@ -1,0 +1,209 @@
+"""Resolve a latency target into a FLOPs ratio, by measuring candidates under onnxruntime.
+
+FLOPs predict onnxruntime latency poorly (odd widths, memory-bound ops, layers that cannot be
+pruned), so a latency target is met by measurement, never by a model of the hardware: an outer
+search over the FLOPs ratio prunes each candidate with the FLOPs search (``pruning.search``),
+exports it to ONNX in memory and times it interleaved with the original's export on the execution
+provider the run validates on. The pipeline then prunes to the FLOPs ratio found; the FLOPs search
+is deterministic, so that reproduces the measured candidate exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import pruning
+from .errors import TargetUnreachableError
+from .graph import CouplingGraph
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from .config import CompressConfig
+
+FLOPS_RESOLUTION = 0.02
+"""The search stops when the FLOPs ratios of a meeting and a missing candidate are this close."""
+MAX_PROBES = 8
+"""At most this many candidates are timed (the floor and the FLOPs target included)."""
+
+
+@dataclass(frozen=True)
+class LatencyMeasurement:
+    """A candidate timed against the original, in interleaved rounds (one run of each per round)."""
+
+    ratio: float
+    """Median over the rounds of compressed / original: pairing the runs cancels drift in the machine's load."""
+    spread: float
+    """Interquartile range of the per-round ratios over sqrt(rounds): about the standard error of ``ratio``."""
+    original_ms: float
+    compressed_ms: float
+
+
+@dataclass(frozen=True)
+class LatencyProbe:
+    flops_target: float
+    """The FLOPs ratio the candidate was pruned to."""
+    flops_ratio: float
+    """The FLOPs ratio it achieved."""
+    latency_ratio: float
+    spread: float
+    meets: bool
+
+
+@dataclass(frozen=True)
+class LatencySearchResult:
+    """What the latency search asked for, chose and measured."""
+
+    target: float
+    batch: int
+    provider: str
+    flops_ratio: float
+    """The FLOPs ratio the pipeline prunes to."""
+    latency_ratio: float
+    """The chosen candidate's measured latency ratio (during the search)."""
+    spread: float
+    limited_by: str
+    """``"latency"``, or ``"flops"`` where the FLOPs target alone already met the latency target."""
+    probes: list[LatencyProbe] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+Timer = Callable[[nn.Module], LatencyMeasurement]
+"""Times a pruned candidate against the original."""
+
+
+class OnnxTimer:
+    """Times candidates against the original's ONNX export: same EP, same batch, interleaved runs."""
+
+    def __init__(self, original: nn.Module, *, example_input: torch.Tensor, sample: torch.Tensor, batch: int,
+                 runs: int, device: str) -> None:
+        from .export import to_onnx_bytes
+        from .validate import feed_for, open_session
+
+        self.example_input = example_input
+        self.device = device
+        self.runs = runs
+        self.feed = feed_for(sample, batch)
+        self.original = open_session(to_onnx_bytes(original, example_input), device=device)
+        self.provider = self.original.get_providers()[0]
+
+    def __call__(self, model: nn.Module) -> LatencyMeasurement:
+        from .export import to_onnx_bytes
+        from .validate import interleaved_times, iqr, open_session
+
+        candidate = open_session(to_onnx_bytes(model, self.example_input), device=self.device)
+        o, c = interleaved_times([self.original, candidate], self.feed, runs=self.runs)
+        per_round = [ci / oi for oi, ci in zip(o, c)]
+        return LatencyMeasurement(ratio=statistics.median(per_round), spread=iqr(per_round) / math.sqrt(len(per_round)),
+                                  original_ms=statistics.median(o), compressed_ms=statistics.median(c))
+
+
+def search_latency(
+    prune: Callable[[float], tuple[nn.Module, pruning.PruneResult]],
+    timer: Timer,
+    *,
+    target: float,
+    floor: float,
+    flops_cap: float | None,
+    batch: int,
+    provider: str,
+    on_probe: Callable[[LatencyProbe], None] | None = None,
+) -> LatencySearchResult:
+    """The largest FLOPs ratio (at most ``flops_cap``) whose candidate measures at or below ``target``.
+
+    ``prune(r)`` prunes to FLOPs ratio ``r``; ``floor`` is the smallest ratio it can reach. The
+    candidate at the cap is tried first (both targets must hold: if it is fast enough, the FLOPs
+    target decides), then the floor (if even that is too slow, the target is unreachable), then the
+    bracket between them shrinks by interpolation, kept inside its middle half so that noise cannot
+    stall it, until it is ``FLOPS_RESOLUTION`` wide or ``MAX_PROBES`` candidates were timed.
+    """
+    start = time.perf_counter()
+    probes: list[LatencyProbe] = []
+
+    def probe(r: float) -> LatencyProbe:
+        model, result = prune(r)
+        m = timer(model)
+        p = LatencyProbe(flops_target=r, flops_ratio=result.achieved_ratio, latency_ratio=m.ratio, spread=m.spread,
+                         meets=m.ratio <= target)
+        probes.append(p)
+        if on_probe:
+            on_probe(p)
+        return p
+
+    def done(chosen: LatencyProbe, limited_by: str) -> LatencySearchResult:
+        return LatencySearchResult(target=target, batch=batch, provider=provider, flops_ratio=chosen.flops_target,
+                                   latency_ratio=chosen.latency_ratio, spread=chosen.spread, limited_by=limited_by,
+                                   probes=probes, seconds=time.perf_counter() - start)
+
+    if flops_cap is not None:
+        hi = probe(flops_cap)
+        if hi.meets:
+            return done(hi, "flops")
+    else:
+        # The unpruned model: ratio 1 by definition, and the target is below 1.
+        hi = LatencyProbe(flops_target=1.0, flops_ratio=1.0, latency_ratio=1.0, spread=0.0, meets=False)
+    lo = probe(floor)
+    if not lo.meets:
+        best = min(probes, key=lambda p: p.latency_ratio)
+        raise TargetUnreachableError(
+            f"--target-latency {target:g} is unreachable: the best reachable latency ratio is "
+            f"{best.latency_ratio:.3f} (±{best.spread:.3f}, at FLOPs ratio {best.flops_ratio:.3f}) on {provider} "
+            f"at batch {batch}",
+            hint=f"ask for {math.ceil((best.latency_ratio + best.spread / 2) * 100) / 100:g} or more, raise "
+                 "--max-prune-per-group, or try another --round-to")
+    while hi.flops_target - lo.flops_target > FLOPS_RESOLUTION and len(probes) < MAX_PROBES:
+        width = hi.flops_target - lo.flops_target
+        slope = (hi.latency_ratio - lo.latency_ratio) / width
+        guess = lo.flops_target + (target - lo.latency_ratio) / slope if slope > 0 else lo.flops_target + width / 2
+        p = probe(min(max(guess, lo.flops_target + width / 4), hi.flops_target - width / 4))
+        if p.meets:
+            lo = p
+        else:
+            hi = p
+    return done(lo, "latency")
+
+
+def resolve_target(
+    graph: CouplingGraph,
+    scores: list[torch.Tensor],
+    config: CompressConfig,
+    *,
+    round_to: int,
+    sample: torch.Tensor,
+    progress: Progress | None = None,
+    timer: Timer | None = None,
+) -> tuple[float, LatencySearchResult | None]:
+    """The FLOPs ratio to prune to, and the latency search behind it (None without ``--target-latency``).
+
+    ``sample`` are the images the candidates are timed on; ``timer`` replaces the onnxruntime timing
+    (tests inject a deterministic one).
+    """
+    if config.target_latency is None:
+        assert config.target_flops is not None  # the config guarantees one of the two
+        return config.target_flops, None
+    progress = progress or Progress()
+    if timer is None:
+        timer = OnnxTimer(graph.model, example_input=graph.example_input, sample=sample, batch=config.latency_batch,
+                          runs=config.latency_runs if config.latency_batch == 1 else max(5, config.latency_runs // 3),
+                          device=config.device)
+    provider = getattr(timer, "provider", "injected timer")
+    floor = pruning.floor_ratio(graph, scores, max_prune_fraction=config.max_prune_per_group, round_to=round_to)
+
+    def prune(r: float) -> tuple[nn.Module, pruning.PruneResult]:
+        return pruning.search(graph, scores, target_ratio=r, max_prune_fraction=config.max_prune_per_group,
+                              round_to=round_to)
+
+    progress.task(f"search for the latency target (batch {config.latency_batch})", MAX_PROBES)
+    result = search_latency(prune, timer, target=config.target_latency, floor=floor,
+                            flops_cap=config.target_flops, batch=config.latency_batch, provider=provider,
+                            on_probe=lambda p: progress.advance(1, flops_ratio=p.flops_ratio,
+                                                                latency_ratio=p.latency_ratio))
+    progress.done()
+    return result.flops_ratio, result
