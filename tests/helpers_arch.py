@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from compressor.models import create_model
 
 
@@ -11,3 +13,35 @@ def kwargs_factory(**kwargs):
     if unknown:
         raise TypeError(f"__init__() got an unexpected keyword argument '{unknown[0]}'")
     return create_model("resnet20", num_classes=kwargs.get("num_classes", 10), in_channels=1, image_size=16)
+
+
+class MatmulDominated(torch.nn.Module):
+    """A classifier whose time goes to an input-side matrix chain that no pruning touches.
+
+    The chain multiplies by a fixed buffer (no module, so the FLOPs counter does not see it and no
+    group owns it); the convolutions after it carry all the counted FLOPs but almost none of the time,
+    so pruning them to half the FLOPs cannot make the model measurably faster.
+    """
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 1, image_size: int = 16, depth: int = 60) -> None:
+        super().__init__()
+        side = image_size * image_size
+        self.register_buffer("mix", torch.randn(side, side, generator=torch.Generator().manual_seed(0)) / side ** 0.5)
+        self.depth = depth
+        self.pool = torch.nn.AvgPool2d(4)
+        self.conv1 = torch.nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(32, 32, 3, padding=1)
+        self.head = torch.nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.flatten(2)
+        for _ in range(self.depth):
+            h = torch.tanh(h @ self.mix)
+        x = self.pool(h.reshape(shape))
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def matmul_dominated(num_classes: int = 4, in_channels: int = 1, image_size: int = 16) -> torch.nn.Module:
+    return MatmulDominated(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
