@@ -8,6 +8,11 @@ interleaved median of both ONNX models timed in the same process, as ``compress`
 
     python bench/latency.py --out runs/bench_latency            # everything (about half an hour on 2 cores)
     python bench/latency.py --models demo --variants default,round1
+    python bench/latency.py --rounding 1,8,16 --models demo,mobilenetv2   # rounding only, all widths timed together
+
+``--rounding`` prunes each model to 0.5 FLOPs once per multiple (no fine-tuning, no ``compress`` run)
+and times the original and every pruned variant interleaved in one loop, so they share the
+machine's load: the measurement behind the per-EP default of ``--round-to``.
 """
 
 from __future__ import annotations
@@ -80,6 +85,37 @@ def run_one(name: str, variant: str, *, out: Path, tmp: Path, runs: int) -> dict
     return row
 
 
+def compare_rounding(name: str, multiples: list[int], *, tmp: Path, runs: int, batches=(1, 64)) -> list[dict]:
+    """Speed-ups of one model pruned to 0.5 FLOPs with each rounding multiple, all timed in the same loop."""
+    import statistics
+
+    from compressor import criteria, graph, pruning
+    from compressor.data import load_data
+    from compressor.export import to_onnx_bytes
+    from compressor.loading import load_model
+    from compressor.validate import feed_for, interleaved_times, iqr, open_session
+
+    inputs = _inputs(name, tmp)
+    data = load_data(inputs["data_path"], val_fraction=0.2, seed=0, mean=inputs.get("mean"), std=inputs.get("std"))
+    model = load_model(inputs["model_path"], arch=inputs["arch"], image_size=data.info.input_shape[-1]).model
+    coupling = graph.trace(model, data.val_x[:1])
+    scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
+    variants = {}
+    for m in multiples:
+        pruned, result = pruning.search(coupling, scores, target_ratio=0.5, max_prune_fraction=0.75, round_to=m)
+        variants[m] = (open_session(to_onnx_bytes(pruned, data.val_x[:1]), device="cpu"), result.achieved_ratio)
+    sessions = [open_session(to_onnx_bytes(model, data.val_x[:1]), device="cpu")] + [s for s, _ in variants.values()]
+    rows = []
+    for batch in batches:
+        times = interleaved_times(sessions, feed_for(data.val_x[:64], batch), runs=runs if batch == 1 else max(5, runs // 3))
+        base = statistics.median(times[0])
+        for (m, (_, ratio)), t in zip(variants.items(), times[1:]):
+            rows.append({"model": name, "round_to": m, "batch": batch, "flops_ratio": ratio,
+                         "speedup": base / statistics.median(t), "original_ms": base, "compressed_ms": statistics.median(t),
+                         "original_iqr_ms": iqr(times[0]), "compressed_iqr_ms": iqr(t)})
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| model | run | round-to | FLOPs ratio | ideal | speed-up b1 | speed-up b64 | b1 ms (orig / comp) | b64 ms (orig / comp) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -100,8 +136,20 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model at batch 1 (a third at batch 64)")
     p.add_argument("--out", type=Path, default=Path("runs/bench_latency"))
+    p.add_argument("--rounding", help="comma-separated multiples: only compare rounding, timed together")
     args = p.parse_args()
     torch.set_num_threads(1)  # the pruning search; onnxruntime keeps its own thread pool
+
+    if args.rounding:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.models.split(","):
+                for row in compare_rounding(name, [int(m) for m in args.rounding.split(",")], tmp=Path(tmp),
+                                            runs=args.runs):
+                    print(f"{row['model']:12s} round-to {row['round_to']:3d}  batch {row['batch']:3d}  "
+                          f"FLOPs {row['flops_ratio']:.3f}  speed-up {row['speedup']:.2f}x  "
+                          f"({row['original_ms']:.2f} ± {row['original_iqr_ms']:.2f} -> "
+                          f"{row['compressed_ms']:.2f} ± {row['compressed_iqr_ms']:.2f} ms, IQR)", flush=True)
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
