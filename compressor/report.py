@@ -188,7 +188,7 @@ def to_markdown(r: CompressResult) -> str:
         lat = t["latency"]
         lines += [f"| latency ratio, batch {lat['batch']} ({lat['provider']}) | {lat['requested_ratio']:g} | "
                   f"{_opt(lat['achieved_ratio'])} at validation; {lat['search_ratio']:.3f} ± {lat['search_spread']:.3f} "
-                  f"(IQR of per-round ratios) in the search |", "",
+                  f"in the search (± about one standard error of the median per-round ratio) |", "",
                   f"The latency search timed {len(lat['probes'])} candidates in {lat['search_seconds']:.1f} s and chose "
                   f"FLOPs ratio {lat['flops_ratio_chosen']:.4f} (limited by the {lat['limited_by']} target):", "",
                   "| FLOPs target | FLOPs achieved | latency ratio | spread | meets |", "|---|---|---|---|---|"]

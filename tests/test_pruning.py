@@ -252,3 +252,22 @@ def test_flops_scale_with_the_input_size():
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False))
     assert flops.measure(net, torch.randn(1, 1, 8, 8)).macs == 4 * 8 * 8 * 9
     assert flops.measure(net, torch.randn(1, 1, 16, 16)).macs == 4 * 16 * 16 * 9
+
+
+# -- hardware-friendly widths ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("round_to", "target"), [(8, 0.4), (8, 0.6), (16, 0.5), (16, 0.7)])
+def test_rounded_widths_are_multiples_and_the_target_is_still_met(coupling, scores, round_to, target):
+    pruned, result = _search(coupling, scores, target, round_to=round_to)
+
+    assert target * (1 - pruning.TOLERANCE) <= result.achieved_ratio <= target
+    assert result.round_to == round_to
+    assert len(result.off_multiple) <= 1
+    changed = [c for c in result.layers if c.after < c.before]
+    assert changed, "nothing was pruned, so rounding was never exercised"
+    for change in changed:
+        kept = pruned.get_submodule(change.group).out_channels
+        assert kept == change.after
+        assert kept % round_to == 0 or change.group in result.off_multiple, (change.group, kept)
+        assert kept >= math.ceil(change.before * (1 - CAP))
