@@ -40,7 +40,7 @@ VARIANTS = {
     # name: (CompressConfig overrides, label)
     "default": ({"target_flops": 0.5}, "--target-flops 0.5 (default --round-to)"),
     "round1": ({"target_flops": 0.5, "round_to": 1}, "--target-flops 0.5 --round-to 1"),
-    "round16": ({"target_flops": 0.5, "round_to": 16}, "--target-flops 0.5 --round-to 16"),
+    "round8": ({"target_flops": 0.5, "round_to": 8}, "--target-flops 0.5 --round-to 8"),
     "latency": ({"target_latency": 0.6}, "--target-latency 0.6 (batch 1)"),
 }
 

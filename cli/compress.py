@@ -48,8 +48,9 @@ def compress(
     distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of the distillation term.")] = 4.0,
     bn_recalibration: Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics right after pruning.")] = True,
     max_prune_per_group: Annotated[float, typer.Option(help="At most this fraction of any group's channels is removed.")] = 0.75,
-    round_to: Annotated[int, typer.Option(help="Kept channel counts are multiples of this, for hardware-friendly "
-                                          "widths (1 disables).")] = 8,
+    round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this, for hardware-friendly "
+                                                    "widths (1 disables) [default: 16 on the CPU execution provider, "
+                                                    "8 on CUDA].")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation (stratified, seeded).")] = 0.2,
     mean: Annotated[Optional[str], typer.Option(help="Normalisation mean per channel in [0,1] pixel units, comma-separated "
                                                 "[default: computed on the data].")] = None,

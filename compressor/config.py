@@ -29,8 +29,8 @@ class CompressConfig:
     """Registered criterion name or ``package.module:Class``."""
     max_prune_per_group: float = 0.75
     """At most this fraction of any group's channels is removed."""
-    round_to: int = 8
-    """Kept channel counts are multiples of this (1 disables); odd widths can make a model slower."""
+    round_to: int | None = None
+    """Kept channel counts are multiples of this (1 disables; default: per execution provider, ``latency.DEFAULT_ROUND_TO``)."""
     epochs: int = 5
     """Fine-tuning epochs (one OneCycleLR cycle over all of them); 0 skips fine-tuning."""
     batch_size: int = 32
@@ -82,7 +82,7 @@ class CompressConfig:
             raise ConfigError(f"--latency-batch must be at least 1, got {self.latency_batch}")
         if not 0 < self.max_prune_per_group < 1:
             raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {self.max_prune_per_group}")
-        if self.round_to < 1:
+        if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be 0 or more, got {self.epochs}")

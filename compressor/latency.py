@@ -28,6 +28,11 @@ from .progress import Progress
 if TYPE_CHECKING:
     from .config import CompressConfig
 
+DEFAULT_ROUND_TO = {"CPUExecutionProvider": 16, "CUDAExecutionProvider": 8}
+"""``--round-to`` when none is given, per execution provider. Measured for the CPU EP (BENCHMARKS.md,
+"Latency"): odd widths made every model slower, 16 beat 8 by about 10% at batch 64 and tied at
+batch 1 (onnxruntime's CPU kernels work in blocks of 16 channels on AVX-512, of 8 on AVX2; 16 is a
+multiple of both). 8 on CUDA is the common advice for tensor cores; not measured here."""
 FLOPS_RESOLUTION = 0.02
 """The search stops when the FLOPs ratios of a meeting and a missing candidate are this close."""
 MAX_PROBES = 8
@@ -168,6 +173,15 @@ def search_latency(
         else:
             hi = p
     return done(lo, "latency")
+
+
+def round_to_for(config: CompressConfig) -> int:
+    """``config.round_to``, or the default of the execution provider the run validates on."""
+    if config.round_to is not None:
+        return config.round_to
+    from .validate import providers_for
+
+    return DEFAULT_ROUND_TO.get(providers_for(config.device)[0], 8)
 
 
 def resolve_target(

@@ -112,17 +112,18 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         prepare_criterion(criterion, original, data, batches=config.calibration_batches, batch_size=config.batch_size)
         scores = pruning.score_groups(coupling, criterion)
         original.zero_grad(set_to_none=True)
-        flops_ratio, latency_search = latency.resolve_target(coupling, scores, config, round_to=config.round_to,
+        round_to = latency.round_to_for(config)
+        flops_ratio, latency_search = latency.resolve_target(coupling, scores, config, round_to=round_to,
                                                              sample=data.val_x[:64], progress=progress)
         progress.task("search for the FLOPs target", 0)
         pruned, prune_result = pruning.search(
             coupling, scores, target_ratio=flops_ratio, max_prune_fraction=config.max_prune_per_group,
-            round_to=config.round_to,
+            round_to=round_to,
             on_probe=lambda n, r: progress.advance(1, flops_ratio=r))
         progress.done()
         if prune_result.off_multiple:
             notes.append(f"to land within 1% of the FLOPs target, group {prune_result.off_multiple[0]} keeps a width "
-                         f"that is not a multiple of --round-to {config.round_to}")
+                         f"that is not a multiple of --round-to {round_to}")
             progress.note(notes[-1])
 
     with clock.stage("evaluate"):
@@ -164,7 +165,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
             layers = profile.layer_profile(original, pruned, stage / "original.onnx", stage / "model.onnx",
                                            example_input=example, sample=data.val_x[:64], batch=config.latency_batch,
                                            device=config.device)
-        notes += report.speed_warnings(validation, latency_search, round_to=config.round_to)
+        notes += report.speed_warnings(validation, latency_search, round_to=round_to)
         result = report.CompressResult(
             out_dir=out,
             model={"source": str(config.model_path), "kind": loaded.kind, "arch": loaded.arch,

@@ -53,8 +53,7 @@ def not_faster(validation: ValidationResult) -> list[Latency]:
 
 def speed_warnings(validation: ValidationResult, search: LatencySearchResult | None, *, round_to: int) -> list[str]:
     """What the run must say loudly: a model that is not faster, or a latency target missed at validation."""
-    fix = ("rounding kept widths to hardware-friendly multiples (--round-to 8 or 16"
-           + (f"; this run used {round_to})" if round_to != 8 else ")")
+    fix = (f"rounding kept widths to hardware-friendly multiples (--round-to 8 or 16; this run used {round_to})"
            + ", or --target-latency X, which measures candidates on this execution provider")
     notes = []
     for l in not_faster(validation):

@@ -259,3 +259,11 @@ def test_a_model_pruning_cannot_speed_up_is_flagged_loudly(tmp_path):
     assert "--target-latency" in result.stderr
     assert "> **WARNING: the compressed model is" in (out / "report.md").read_text()
 
+
+
+def test_round_to_defaults_per_execution_provider(make_config):
+    assert make_config(device="cpu").round_to is None
+    assert latency.round_to_for(make_config(device="cpu")) == latency.DEFAULT_ROUND_TO["CPUExecutionProvider"] == 16
+    assert latency.round_to_for(make_config(device="cpu", round_to=1)) == 1
+    with pytest.raises(ConfigError, match="--round-to"):
+        make_config(round_to=0)
