@@ -41,7 +41,7 @@ VARIANTS = {
     "default": ({"target_flops": 0.5}, "--target-flops 0.5 (default --round-to)"),
     "round1": ({"target_flops": 0.5, "round_to": 1}, "--target-flops 0.5 --round-to 1"),
     "round8": ({"target_flops": 0.5, "round_to": 8}, "--target-flops 0.5 --round-to 8"),
-    "latency": ({"target_latency": 0.6}, "--target-latency 0.6 (batch 1)"),
+    "latency": ({"target_flops": 0.5, "target_latency": 0.6}, "--target-flops 0.5 --target-latency 0.6 (batch 1)"),
 }
 
 
