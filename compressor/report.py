@@ -10,6 +10,7 @@ from typing import Any
 from .data import DataInfo
 from .finetune import FinetuneResult
 from .pruning import PruneResult
+from .schedules import ScheduleResult
 from .validate import ValidationResult
 
 
@@ -35,6 +36,7 @@ class CompressResult:
     device: str
     versions: dict[str, str]
     warnings: list[str]
+    schedule: ScheduleResult | None = None
 
 
 def to_dict(r: CompressResult) -> dict[str, Any]:
@@ -64,6 +66,8 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
         "search": {"probes": p.probes, "seconds": p.seconds, "round_to": p.round_to, "off_multiple": p.off_multiple,
                    "max_prune_per_group": r.max_prune_per_group,
                    "layers": [{"group": l.group, "before": l.before, "after": l.after} for l in p.layers]},
+        "schedule": ({"name": r.schedule.name, "events": [asdict(e) for e in r.schedule.events],
+                      "details": r.schedule.details} if r.schedule else None),
         "finetune": asdict(r.finetune) if r.finetune else None,
         "stages_seconds": r.stage_seconds,
         "device": r.device,
@@ -98,13 +102,14 @@ def table_rows(r: CompressResult) -> list[tuple[str, str, str, str]]:
 def to_markdown(r: CompressResult) -> str:
     d = to_dict(r)
     lines = [f"# Compression report: {r.model.get('source', '')}", "",
-             f"Target {r.prune.target_ratio:g} of the original FLOPs, criterion `{r.criterion}`; "
+             f"Target {r.prune.target_ratio:g} of the original FLOPs, criterion `{r.criterion}`"
+             + (f", schedule `{r.schedule.name}`" if r.schedule else "") + "; "
              f"achieved {r.prune.achieved_ratio:.4f}.", "",
              "| | original | compressed | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in table_rows(r)]
     lines += ["", "## Accuracy on the validation split", "",
               f"- original (PyTorch): {r.accuracy_original:.2%}",
-              f"- right after pruning, before fine-tuning: {r.accuracy_pruned_before_finetune:.2%}",
+              f"- right after the (last) physical prune: {r.accuracy_pruned_before_finetune:.2%}",
               *([f"- after batch-norm recalibration: {r.accuracy_pruned_recalibrated:.2%}"]
                 if r.accuracy_pruned_recalibrated is not None else []),
               f"- after fine-tuning (PyTorch): {r.accuracy_compressed:.2%}",
@@ -115,6 +120,14 @@ def to_markdown(r: CompressResult) -> str:
               f"- top-1 agreement: {r.validation.parity.top1_agreement:.2%} of {r.validation.parity.samples} images",
               "", "## Channels per group", "", "| group (root layer) | before | after |", "|---|---|---|"]
     lines += [f"| {l['group']} | {l['before']} | {l['after']} |" for l in d["search"]["layers"]]
+    if r.schedule:
+        lines += ["", f"## Schedule `{r.schedule.name}`", "",
+                  "| step | epoch | FLOPs ratio | accuracy before | right after | after BN recalibration | why |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e.step} | {e.epoch:g} | {e.flops_ratio:.3f} | {e.accuracy_before:.2%} | {e.accuracy_after:.2%} | "
+                  f"{'-' if e.accuracy_recalibrated is None else f'{e.accuracy_recalibrated:.2%}'} | {e.reason} |"
+                  for e in r.schedule.events]
+        lines += ["", "Details: `" + json.dumps(r.schedule.details) + "`"]
     lines += ["", "## Stages (seconds)", ""] + [f"- {k}: {v:.1f}" for k, v in r.stage_seconds.items()]
     if r.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in r.warnings]
