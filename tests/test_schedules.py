@@ -313,3 +313,12 @@ def test_the_cli_takes_a_schedule_and_rejects_an_unknown_one(model_path, data_pa
 def test_schedule_options_are_validated(make_config, field, value, match):
     with pytest.raises(ConfigError, match=match):
         make_config(**{field: value})
+
+
+def test_the_toolbox_lists_the_schedules():
+    from compressor.cli.toolbox import app as toolbox
+
+    result = CliRunner().invoke(toolbox, ["schedules"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in ("oneshot", "gradual", "ocs", "cyclical"):
+        assert name in result.output
