@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--train-size", type=int, default=5000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ocs-decay", type=float, default=None, help="override the ocs schedule's decay (a variant row)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "schedules.json")
     args = p.parse_args()
 
@@ -57,22 +58,24 @@ def main() -> None:
     train_x, train_y, test_x, test_y = load_split()
     sl = slice(BASELINE_TRAIN_IMAGES, BASELINE_TRAIN_IMAGES + args.train_size)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {(r["schedule"], r["target"], r["seed"]) for r in rows}
+    done = {(r["schedule"], r["target"], r["seed"], r.get("ocs_decay")) for r in rows}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "finetune.npz"
         np.savez(data, images=train_x[sl], labels=train_y[sl])
         for target in args.targets:
             for seed in args.seeds:
                 for schedule in args.schedules:
-                    if (schedule, target, seed) in done:
+                    variant = args.ocs_decay if schedule == "ocs" else None
+                    if (schedule, target, seed, variant) in done:
                         continue
+                    extra = {"ocs_decay": variant} if variant is not None else {}
                     start = time.perf_counter()
                     result = compress(CompressConfig(
                         model_path=MODEL, data_path=data, arch="resnet20", target_flops=target, schedule=schedule,
                         epochs=args.epochs, seed=seed, mean=(MEAN,), std=(STD,), out_dir=Path(tmp) / "run",
-                        overwrite=True, latency_runs=5))
+                        overwrite=True, latency_runs=5, **extra))
                     row = {
-                        "schedule": schedule, "target": target, "seed": seed, "epochs": args.epochs,
+                        "schedule": schedule, "target": target, "seed": seed, "epochs": args.epochs, **extra,
                         "train_images": result.data.train_size, "val_images": result.data.val_size,
                         "flops_ratio": round(result.prune.achieved_ratio, 4),
                         "val_before": result.accuracy_original,
@@ -100,7 +103,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["target"], r["seed"])):
         recal = "-" if r["val_after_bn_recal"] is None else f"{r['val_after_bn_recal']:.2%}"
-        lines.append(f"| {r['target']:g} | {r['schedule']} | {r['seed']} | {r['flops_ratio']:.3f} | {r['val_before']:.2%} | "
+        name = r["schedule"] + (f" (decay {r['ocs_decay']:g})" if r.get("ocs_decay") is not None else "")
+        lines.append(f"| {r['target']:g} | {name} | {r['seed']} | {r['flops_ratio']:.3f} | {r['val_before']:.2%} | "
                      f"{r['val_right_after']:.2%} | {recal} | {r['val_after_cycle']:.2%} | {r['test_original']:.2%} | "
                      f"{r['test_compressed']:.2%} | {(r['test_compressed'] - r['test_original']) * 100:+.2f} | "
                      f"{','.join(map(str, r['prune_steps']))} | {r['seconds']:.0f} |")
