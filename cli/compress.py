@@ -39,6 +39,22 @@ def compress(
                                                "arbitrary code: only for files you trust.")] = False,
     criterion: Annotated[str, typer.Option(help="How channels are ranked: a name from `compressor criteria` "
                                            "or package.module:Class.")] = "l2",
+    schedule: Annotated[str, typer.Option(help="When channels go within the cycle: oneshot (all before fine-tuning), "
+                                          "gradual (cubic ramp of physical prunes), ocs (prune once the sub-network "
+                                          "is stable), cyclical (soft masks released each cycle), or "
+                                          "package.module:Class.")] = "oneshot",
+    schedule_span: Annotated[Optional[float], typer.Option(help="Share of the cycle the schedule acts in [default: 0.3 "
+                                                           "for gradual and ocs, 0.6 for cyclical].")] = None,
+    prune_steps: Annotated[int, typer.Option(help="gradual: physical pruning steps along the ramp.")] = 4,
+    check_every: Annotated[Optional[int], typer.Option(help="ocs, cyclical: steps between two searches of the "
+                                                       "sub-network [default: the schedule's own].")] = None,
+    stability_threshold: Annotated[float, typer.Option(help="ocs: prune once the kept channel sets' mean Jaccard "
+                                                       "similarity reaches this.")] = 0.999,
+    ocs_decay: Annotated[float, typer.Option(help="ocs: starting lambda of the (1 - lambda*lr) decay of the channels "
+                                             "about to go; it grows by as much per epoch.")] = 1.0,
+    cycles: Annotated[int, typer.Option(help="cyclical: mask cycles before the physical prune.")] = 3,
+    from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Re-initialise the weights first (OCSPruner's "
+                                               "setting; give it many more epochs).")] = False,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs, one OneCycleLR cycle over all of them (0 skips).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 32,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 0.02 for sgd, 0.001 for adamw].")] = None,
@@ -73,7 +89,9 @@ def compress(
         config = CompressConfig(
             model_path=model, data_path=data, target_flops=target_flops, target_latency=target_latency,
             latency_batch=latency_batch, arch=arch, trust_pickle=trust_pickle,
-            criterion=criterion, max_prune_per_group=max_prune_per_group, round_to=round_to, epochs=epochs, batch_size=batch_size,
+            criterion=criterion, schedule=schedule, schedule_span=schedule_span, prune_steps=prune_steps,
+            check_every=check_every, stability_threshold=stability_threshold, ocs_decay=ocs_decay, cycles=cycles,
+            from_scratch=from_scratch, max_prune_per_group=max_prune_per_group, round_to=round_to, epochs=epochs, batch_size=batch_size,
             lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,

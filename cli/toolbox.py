@@ -11,7 +11,7 @@ from rich.table import Table
 from ._render import out, quiet_library_warnings, run_guarded
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="Tools around `compress`: list criteria and models, inspect a model.")
+                  help="Tools around `compress`: list criteria, schedules and models, inspect a model.")
 
 
 @app.command("criteria")
@@ -37,6 +37,26 @@ def list_criteria() -> None:
                 needs += ", channel costs"
             doc = (cls.__doc__ or "").strip().splitlines()
             table.add_row(info.name, f"{info.distribution or '?'} {info.version or ''}".strip(), needs, doc[0] if doc else "")
+        out.print(table)
+
+    run_guarded(job)
+
+
+@app.command("schedules")
+def list_schedules() -> None:
+    """List the registered pruning schedules: name, source distribution, what each does."""
+    quiet_library_warnings()
+
+    def job():
+        from compressor import schedules
+
+        table = Table("name", "from", "description")
+        for info in schedules.available_schedules():
+            try:
+                doc = (schedules.REGISTRY.resolve(info.name).__doc__ or "").strip().split(". ")[0]
+            except Exception:
+                doc = "[red]failed to import[/]"
+            table.add_row(info.name, f"{info.distribution or '?'} {info.version or ''}".strip(), " ".join(doc.replace("``", "").split()))
         out.print(table)
 
     run_guarded(job)

@@ -18,11 +18,13 @@ def calibrate(model: nn.Module, data: LoadedData, *, batches: int, batch_size: i
     instead, each followed by ``criterion.accumulate_grad(model)`` (torch-pruning's protocol).
     """
     per_sample = criteria.needs_per_sample_gradients(criterion)
+    device = next(model.parameters()).device  # schedules calibrate the model they are training, maybe on a GPU
     model.zero_grad(set_to_none=True)
     model.eval()  # gradients of the deployed function: BN statistics stay as trained
     for i, (xb, yb) in enumerate(iterate_batches(data.train_x, data.train_y, batch_size=batch_size)):
         if i >= batches:
             break
+        xb, yb = xb.to(device), yb.to(device)
         if not per_sample:
             torch.nn.functional.cross_entropy(model(xb), yb).backward()
             continue
@@ -50,12 +52,13 @@ def activation_stats(model: nn.Module, data: LoadedData, *, batches: int, batch_
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
     handles = [m.register_forward_hook(hook) for m in layers]
+    device = next(model.parameters()).device
     try:
         model.eval()
         for i, (xb, _) in enumerate(iterate_batches(data.train_x, data.train_y, batch_size=batch_size)):
             if i >= batches:
                 break
-            model(xb)
+            model(xb.to(device))
     finally:
         for h in handles:
             h.remove()

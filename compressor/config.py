@@ -27,6 +27,26 @@ class CompressConfig:
     """Allow loading a whole pickled module (it can run arbitrary code)."""
     criterion: str = "l2"
     """Registered criterion name or ``package.module:Class``."""
+    schedule: str = "oneshot"
+    """When channels go within the cycle: a registered schedule (oneshot, gradual, ocs, cyclical) or
+    ``package.module:Class``."""
+    schedule_span: float | None = None
+    """Share of the cycle the schedule acts in (default: the schedule's own, 0.3 for gradual and ocs,
+    0.6 for cyclical)."""
+    prune_steps: int = 4
+    """``gradual``: physical pruning steps along the ramp."""
+    check_every: int | None = None
+    """``ocs``, ``cyclical``: steps between two searches of the sub-network (default: the schedule's own)."""
+    stability_threshold: float = 0.999
+    """``ocs``: prune once the mean Jaccard similarity of the kept channel sets reaches this."""
+    ocs_decay: float = 1.0
+    """``ocs``: start of lambda in the ``(1 - lambda * lr)`` decay of the channels about to be pruned
+    (lambda grows by this much per epoch)."""
+    cycles: int = 3
+    """``cyclical``: mask cycles before the physical prune."""
+    from_scratch: bool = False
+    """Re-initialise the model's weights before the schedule (OCSPruner's own setting: train from scratch;
+    give it many more epochs)."""
     max_prune_per_group: float = 0.75
     """At most this fraction of any group's channels is removed."""
     round_to: int | None = None
@@ -106,6 +126,18 @@ class CompressConfig:
             raise ConfigError("--mean and --std must be given together")
         if self.latency_runs < 1:
             raise ConfigError(f"--latency-runs must be at least 1, got {self.latency_runs}")
+        if self.schedule_span is not None and not 0 < self.schedule_span <= 1:
+            raise ConfigError(f"--schedule-span must lie in (0, 1], got {self.schedule_span}")
+        if self.prune_steps < 1:
+            raise ConfigError(f"--prune-steps must be at least 1, got {self.prune_steps}")
+        if self.check_every is not None and self.check_every < 1:
+            raise ConfigError(f"--check-every must be at least 1, got {self.check_every}")
+        if not 0 < self.stability_threshold <= 1:
+            raise ConfigError(f"--stability-threshold must lie in (0, 1], got {self.stability_threshold}")
+        if not (math.isfinite(self.ocs_decay) and self.ocs_decay >= 0):
+            raise ConfigError(f"--ocs-decay must be 0 or more, got {self.ocs_decay}")
+        if self.cycles < 1:
+            raise ConfigError(f"--cycles must be at least 1, got {self.cycles}")
         if self.calibration_batches < 1:
             raise ConfigError(f"--calibration-batches must be at least 1, got {self.calibration_batches}")
 

@@ -29,18 +29,15 @@ theirs; ``package.module:Class`` also works without any installation step.
 
 from __future__ import annotations
 
-import functools
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ._imports import import_object
 from .errors import ConfigError, GraphError
+from .registry import PluginInfo, Registry
 
 if TYPE_CHECKING:
     from .graph import CouplingGraph
@@ -58,16 +55,6 @@ class Criterion(Protocol):
     needs_gradients: bool
 
     def __call__(self, group: Any) -> torch.Tensor | None: ...
-
-
-@dataclass(frozen=True)
-class CriterionInfo:
-    """Where a registered criterion comes from, for listings and reports."""
-
-    name: str
-    value: str
-    distribution: str | None
-    version: str | None
 
 
 @dataclass(frozen=True)
@@ -116,66 +103,23 @@ class ChannelCosts:
         return self.fractions[self.index(group)]
 
 
-@functools.cache
-def _discover() -> dict[str, metadata.EntryPoint]:
-    found: dict[str, metadata.EntryPoint] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in found and found[ep.name].value != ep.value:
-            warnings.warn(
-                f"criterion {ep.name!r} is registered twice ({found[ep.name].value} and {ep.value}); using the first",
-                stacklevel=2,
-            )
-            continue
-        found.setdefault(ep.name, ep)
-    return found
+REGISTRY = Registry(ENTRY_POINT_GROUP, kind="criterion", option="--criterion")
+CriterionInfo = PluginInfo
 
 
 def refresh() -> None:
     """Forget the cached discovery, e.g. after installing a plug-in in the same process."""
-    _discover.cache_clear()
-    _load.cache_clear()
+    REGISTRY.refresh()
 
 
 def available_criteria() -> list[CriterionInfo]:
     """Every registered criterion, sorted by name (nothing is imported)."""
-    infos = []
-    for name, ep in sorted(_discover().items()):
-        dist = getattr(ep, "dist", None)
-        infos.append(CriterionInfo(name, ep.value, dist.name if dist else None, dist.version if dist else None))
-    return infos
-
-
-@functools.cache
-def _load(name: str) -> type | None:
-    ep = _discover()[name]
-    try:
-        return ep.load()
-    except Exception as exc:  # a broken plug-in must not take the others down
-        warnings.warn(f"criterion plug-in {name!r} ({ep.value}) failed to import: {exc}", stacklevel=2)
-        return None
-
-
-def _import_path(spec: str) -> type:
-    try:
-        return import_object(spec)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--criterion {spec}: cannot import it ({exc})") from exc
+    return REGISTRY.available()
 
 
 def resolve_criterion(name: str) -> type:
     """The criterion class for a registered name or a ``package.module:Class`` path."""
-    if ":" in name:
-        cls = _import_path(name)
-    elif name in _discover():
-        cls = _load(name)
-        if cls is None:
-            raise ConfigError(f"criterion {name!r} is registered but its plug-in failed to import (see the warning)")
-    else:
-        names = ", ".join(info.name for info in available_criteria()) or "none"
-        raise ConfigError(f"unknown criterion {name!r}; available: {names}", hint="or pass package.module:Class")
-    if not callable(cls):
-        raise ConfigError(f"criterion {name!r} resolves to {cls!r}, which is not callable")
-    return cls
+    return REGISTRY.resolve(name)
 
 
 def get_criterion(name: str, **kwargs: Any) -> Criterion:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,8 +79,9 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batches: int = 20, batc
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
     model.train()
+    device = next(model.parameters()).device
     for i in range(0, min(len(x), batches * batch_size), batch_size):
-        model(x[i : i + batch_size])
+        model(x[i : i + batch_size].to(device))
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     model.eval()
@@ -96,6 +98,151 @@ def _optimizer(model: nn.Module, s: FinetuneSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=s.lr)
 
 
+PCT_START = 0.2
+"""Share of the cycle spent warming up to the peak learning rate."""
+_DIV, _FINAL_DIV = 25.0, 1e4
+_MOMENTUM = (0.85, 0.95)
+
+
+def one_cycle(step: int, total: int, peak: float) -> tuple[float, float]:
+    """(learning rate, momentum) at ``step`` of a ``total``-step cycle: torch's ``OneCycleLR`` with cosine
+    annealing and its defaults, as a function of the step, so the optimiser can be rebuilt mid-cycle
+    (after a physical prune) without the schedule noticing."""
+    up_end = PCT_START * total - 1
+    initial, final = peak / _DIV, peak / _DIV / _FINAL_DIV
+    lo_m, hi_m = _MOMENTUM
+
+    def cos(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    if step <= up_end:
+        pct = step / up_end if up_end > 0 else 1.0
+        return cos(initial, peak, pct), cos(hi_m, lo_m, pct)
+    pct = (step - up_end) / (total - 1 - up_end) if total - 1 > up_end else 1.0
+    return cos(peak, final, pct), cos(lo_m, hi_m, pct)
+
+
+StepHook = Callable[["Cycle"], None]
+
+
+class Cycle:
+    """One OneCycle run of fine-tuning steps, which a pruning schedule can act on between steps.
+
+    A hook called after every optimiser step may read the position (``step``, ``total_steps``,
+    ``epoch_progress``, ``lr``), change weights in place, or replace the model with a physically
+    pruned one (:meth:`replace_model`: fresh optimiser state, same place in the learning-rate cycle).
+    """
+
+    def __init__(self, model: nn.Module, data: LoadedData, settings: FinetuneSettings, *,
+                 teacher: nn.Module | None = None, device: torch.device, progress: Progress | None = None) -> None:
+        self.model = model.to(device)
+        self.data = data
+        self.settings = settings
+        self.device = device
+        self.progress = progress or Progress()
+        self.steps_per_epoch = math.ceil(len(data.train_x) / settings.batch_size)
+        self.total_steps = settings.epochs * self.steps_per_epoch
+        self.step = 0
+        self.lr = 0.0
+        self.amp_dtype = None
+        if device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # Without augmentation the teacher's logits are fixed: compute them once, not every epoch.
+        self.soft = None
+        if settings.distill and teacher is not None and settings.epochs > 0:
+            teacher.to(device)
+            self.soft = predict(teacher, data.train_x, device=device)
+            teacher.cpu()
+        self.optimizer = _optimizer(self.model, settings)
+        self._good_state = copy.deepcopy(self.model.state_dict())
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done, fractional."""
+        return self.step / self.steps_per_epoch
+
+    def replace_model(self, model: nn.Module) -> None:
+        """Continue the cycle with ``model`` (a pruned version of the current one): a fresh optimiser."""
+        self.model = model.to(self.device)
+        self.optimizer = _optimizer(self.model, self.settings)
+        self._good_state = copy.deepcopy(self.model.state_dict())
+
+    def _set_lr(self) -> None:
+        self.lr, momentum = one_cycle(self.step, self.total_steps, self.settings.lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+            if "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])
+            elif "momentum" in group:
+                group["momentum"] = momentum
+
+    def _loss(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.settings
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            if self.soft is not None:
+                t = s.temperature
+                kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(self.soft[idx].to(self.device) / t, 1),
+                              reduction="batchmean", log_target=True) * t * t
+                loss = (1 - s.alpha) * loss + s.alpha * kd
+        return loss, logits
+
+    def run(self, after_step: StepHook | None = None) -> FinetuneResult:
+        """Train over every epoch; the model ends in eval mode on the CPU."""
+        s, data, device = self.settings, self.data, self.device
+        generator = torch.Generator().manual_seed(s.seed)
+        history: list[dict[str, float]] = []
+        stopped = None
+        seen, last_loss = 0, float("nan")
+        start = time.perf_counter()
+        for epoch in range(s.epochs):
+            self.progress.task(f"fine-tune epoch {epoch + 1}/{s.epochs}", self.steps_per_epoch)
+            loss_sum, correct, count = 0.0, 0, 0
+            perm = torch.randperm(len(data.train_x), generator=generator)
+            for i in range(0, len(perm), s.batch_size):
+                idx = perm[i : i + s.batch_size]
+                xb, yb = data.train_x[idx].to(device, non_blocking=True), data.train_y[idx].to(device, non_blocking=True)
+                self.model.train()
+                self._set_lr()
+                loss, logits = self._loss(xb, yb, idx)
+                if not torch.isfinite(loss):
+                    stopped = (f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: kept the last good state "
+                               "(the end of the previous epoch, or the last physical prune)")
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.step += 1
+                seen += len(idx)
+                last_loss = loss.item()
+                loss_sum += last_loss * len(idx)
+                correct += (logits.argmax(1) == yb).sum().item()
+                count += len(idx)
+                self.progress.advance(1, loss=last_loss, acc=correct / count)
+                if after_step is not None:
+                    after_step(self)
+            self.progress.done()
+            if stopped:
+                self.model.load_state_dict(self._good_state)
+                break
+            val_acc = accuracy(self.model, data.val_x, data.val_y, device=device)
+            history.append({"epoch": epoch + 1, "loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
+                            "val_accuracy": val_acc})
+            self.progress.note(f"epoch {epoch + 1}: loss {loss_sum / max(count, 1):.4f}, val accuracy {val_acc:.2%}")
+            self._good_state = copy.deepcopy(self.model.state_dict())
+        seconds = time.perf_counter() - start
+        self.model.eval().cpu()
+        final_acc = history[-1]["val_accuracy"] if history else accuracy(self.model, data.val_x, data.val_y)
+        return FinetuneResult(
+            epochs=len(history), steps=self.step, seconds=seconds, images_per_second=seen / seconds if seconds else 0.0,
+            final_loss=last_loss, val_accuracy=final_acc, history=history, stopped_early=stopped,
+            amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+        )
+
+
 def finetune(
     model: nn.Module,
     data: LoadedData,
@@ -105,78 +252,5 @@ def finetune(
     device: torch.device,
     progress: Progress | None = None,
 ) -> FinetuneResult:
-    """Train ``model`` in place over ``settings.epochs`` epochs of one OneCycleLR cycle."""
-    progress = progress or Progress()
-    s = settings
-    model.to(device)
-    generator = torch.Generator().manual_seed(s.seed)
-    steps_per_epoch = math.ceil(len(data.train_x) / s.batch_size)
-    total = max(1, s.epochs * steps_per_epoch)
-    opt = _optimizer(model, s)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=total, pct_start=0.2)
-
-    amp_dtype = None
-    if device.type == "cuda":
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    # Without augmentation the teacher's logits are fixed: compute them once, not every epoch.
-    soft = None
-    if s.distill and teacher is not None:
-        teacher.to(device)
-        soft = predict(teacher, data.train_x, device=device)
-        teacher.cpu()
-
-    history: list[dict[str, float]] = []
-    good_state = copy.deepcopy(model.state_dict())
-    stopped = None
-    step, seen, last_loss = 0, 0, float("nan")
-    start = time.perf_counter()
-    for epoch in range(s.epochs):
-        model.train()
-        progress.task(f"fine-tune epoch {epoch + 1}/{s.epochs}", steps_per_epoch)
-        loss_sum, correct, count = 0.0, 0, 0
-        perm = torch.randperm(len(data.train_x), generator=generator)
-        for i in range(0, len(perm), s.batch_size):
-            idx = perm[i : i + s.batch_size]
-            xb, yb = data.train_x[idx].to(device, non_blocking=True), data.train_y[idx].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb)
-                if soft is not None:
-                    t = s.temperature
-                    kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft[idx].to(device) / t, 1),
-                                  reduction="batchmean", log_target=True) * t * t
-                    loss = (1 - s.alpha) * loss + s.alpha * kd
-            if not torch.isfinite(loss):
-                stopped = f"non-finite loss at epoch {epoch + 1}, step {step + 1}: kept the state from the end of epoch {epoch}"
-                break
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            step += 1
-            seen += len(idx)
-            last_loss = loss.item()
-            loss_sum += last_loss * len(idx)
-            correct += (logits.argmax(1) == yb).sum().item()
-            count += len(idx)
-            progress.advance(1, loss=last_loss, acc=correct / count)
-        progress.done()
-        if stopped:
-            model.load_state_dict(good_state)
-            break
-        val_acc = accuracy(model, data.val_x, data.val_y, device=device)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
-                        "val_accuracy": val_acc})
-        progress.note(f"epoch {epoch + 1}: loss {loss_sum / max(count, 1):.4f}, val accuracy {val_acc:.2%}")
-        good_state = copy.deepcopy(model.state_dict())
-    seconds = time.perf_counter() - start
-    model.eval().cpu()
-    final_acc = history[-1]["val_accuracy"] if history else accuracy(model, data.val_x, data.val_y)
-    return FinetuneResult(
-        epochs=len(history), steps=step, seconds=seconds, images_per_second=seen / seconds if seconds else 0.0,
-        final_loss=last_loss, val_accuracy=final_acc, history=history, stopped_early=stopped,
-        amp=str(amp_dtype).replace("torch.", "") if amp_dtype else None,
-    )
+    """Train ``model`` in place over ``settings.epochs`` epochs of one OneCycle learning-rate cycle."""
+    return Cycle(model, data, settings, teacher=teacher, device=device, progress=progress).run()

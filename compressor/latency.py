@@ -21,12 +21,15 @@ import torch
 from torch import nn
 
 from . import pruning
+from .calibration import prepare_criterion
+from .criteria import Criterion
 from .errors import TargetUnreachableError
 from .graph import CouplingGraph
 from .progress import Progress
 
 if TYPE_CHECKING:
     from .config import CompressConfig
+    from .data import LoadedData
 
 DEFAULT_ROUND_TO = {"CPUExecutionProvider": 16, "CUDAExecutionProvider": 8}
 """``--round-to`` when none is given, per execution provider. Measured for the CPU EP (BENCHMARKS.md,
@@ -186,25 +189,31 @@ def round_to_for(config: CompressConfig) -> int:
 
 def resolve_target(
     graph: CouplingGraph,
-    scores: list[torch.Tensor],
     config: CompressConfig,
     *,
+    criterion: Criterion,
+    data: LoadedData,
     round_to: int,
-    sample: torch.Tensor,
     progress: Progress | None = None,
     timer: Timer | None = None,
 ) -> tuple[float, LatencySearchResult | None]:
     """The FLOPs ratio to prune to, and the latency search behind it (None without ``--target-latency``).
 
-    ``sample`` are the images the candidates are timed on; ``timer`` replaces the onnxruntime timing
-    (tests inject a deterministic one).
+    The candidates are ranked by ``criterion`` on the original weights, as the one-shot schedule ranks
+    them; schedules that prune later, on fine-tuned weights, can land on other widths, which is why
+    validation measures the latency again. ``timer`` replaces the onnxruntime timing (tests inject a
+    deterministic one).
     """
     if config.target_latency is None:
         assert config.target_flops is not None  # the config guarantees one of the two
         return config.target_flops, None
     progress = progress or Progress()
+    prepare_criterion(criterion, graph.model, data, batches=config.calibration_batches, batch_size=config.batch_size)
+    scores = pruning.score_groups(graph, criterion)
+    graph.model.zero_grad(set_to_none=True)
     if timer is None:
-        timer = OnnxTimer(graph.model, example_input=graph.example_input, sample=sample, batch=config.latency_batch,
+        timer = OnnxTimer(graph.model, example_input=graph.example_input, sample=data.val_x[:64],
+                          batch=config.latency_batch,
                           runs=config.latency_runs if config.latency_batch == 1 else max(5, config.latency_runs // 3),
                           device=config.device)
     provider = getattr(timer, "provider", "injected timer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
@@ -9,7 +10,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import __version__, checkpoint, criteria, finetune as ft, graph, latency, outputs, profile, pruning, report, validate
+from . import (__version__, checkpoint, criteria, finetune as ft, graph, latency, outputs, profile, pruning, report,
+               schedules, validate)
 from .calibration import activation_stats, calibrate, prepare_criterion  # noqa: F401  (public here too)
 from .config import CompressConfig
 from .data import LoadedData, load_data
@@ -54,6 +56,7 @@ def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedD
     return {
         "producer": f"compressor {__version__}",
         "criterion": config.criterion,
+        "schedule": config.schedule,
         "target_flops_ratio": f"{result.target_ratio:g}",
         "achieved_flops_ratio": f"{result.achieved_ratio:.6f}",
         "flops_original": str(result.original.macs),
@@ -104,44 +107,32 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         original = loaded.model
         classes = check_fit(original, data)
         criterion = criteria.get_criterion(config.criterion)
+        schedule = schedules.get_schedule(config.schedule, config)
 
     with clock.stage("trace"):
         coupling = graph.trace(original, data.val_x[:1])
 
     with clock.stage("prune"):
-        prepare_criterion(criterion, original, data, batches=config.calibration_batches, batch_size=config.batch_size)
-        scores = pruning.score_groups(coupling, criterion)
-        original.zero_grad(set_to_none=True)
+        # The schedule prunes to one FLOPs ratio: the latency target, if any, is turned into one first.
         round_to = latency.round_to_for(config)
-        flops_ratio, latency_search = latency.resolve_target(coupling, scores, config, round_to=round_to,
-                                                             sample=data.val_x[:64], progress=progress)
-        progress.task("search for the FLOPs target", 0)
-        pruned, prune_result = pruning.search(
-            coupling, scores, target_ratio=flops_ratio, max_prune_fraction=config.max_prune_per_group,
-            round_to=round_to,
-            on_probe=lambda n, r: progress.advance(1, flops_ratio=r))
-        progress.done()
-        if prune_result.off_multiple:
-            notes.append(f"to land within 1% of the FLOPs target, group {prune_result.off_multiple[0]} keeps a width "
-                         f"that is not a multiple of --round-to {round_to}")
-            progress.note(notes[-1])
-
-    with clock.stage("evaluate"):
+        flops_ratio, latency_search = latency.resolve_target(coupling, config, criterion=criterion, data=data,
+                                                             round_to=round_to, progress=progress)
+        resolved = dataclasses.replace(config, target_flops=flops_ratio, round_to=round_to)
         acc_original = ft.accuracy(original, data.val_x, data.val_y)
-        acc_pruned = ft.accuracy(pruned, data.val_x, data.val_y)
-        acc_recalibrated = None
-        if config.bn_recalibration and ft.recalibrate_bn(pruned, data.train_x, batch_size=config.batch_size):
-            acc_recalibrated = ft.accuracy(pruned, data.val_x, data.val_y)
+        run = schedules.Run(original=original, data=data, config=resolved, criterion=criterion,
+                            settings=_finetune_settings(config), device=device, progress=progress,
+                            groups=coupling.groups)
+        run.start(schedule)
 
-    finetune_result = None
-    if config.epochs > 0:
-        with clock.stage("fine-tune"):
-            finetune_result = ft.finetune(pruned, data, _finetune_settings(config),
-                                          teacher=original if config.distill else None, device=device,
-                                          progress=progress)
-            if finetune_result.stopped_early:
-                notes.append(f"fine-tuning stopped early: {finetune_result.stopped_early}")
-                progress.note(notes[-1])
+    with clock.stage("fine-tune"):
+        scheduled = run.finish(schedule, config.schedule)
+    pruned, prune_result, finetune_result = scheduled.model, scheduled.prune, scheduled.finetune
+    if prune_result.off_multiple:
+        notes.append(f"to land within 1% of the FLOPs target, group {prune_result.off_multiple[0]} keeps a width "
+                     f"that is not a multiple of --round-to {round_to}")
+    if finetune_result is not None and finetune_result.stopped_early:
+        notes.append(f"fine-tuning stopped early: {finetune_result.stopped_early}")
+    final_prune = scheduled.events[-1]
     # The pruned model's logits serve twice: its accuracy, and the reference the ONNX export must match.
     reference = ft.predict(pruned, data.val_x)
     acc_compressed = (reference.argmax(1) == data.val_y).float().mean().item()
@@ -156,7 +147,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
                                             metadata={**meta, "model": "original", "accuracy_val": f"{acc_original:.6f}"})
             checkpoint.save_pruned(pruned, stage / "model.pt", arch=loaded.arch, extra={
                 "input_shape": list(data.info.input_shape), "mean": list(data.info.mean), "std": list(data.info.std),
-                "num_classes": classes, "criterion": config.criterion, "target_flops": config.target_flops})
+                "num_classes": classes, "criterion": config.criterion, "schedule": config.schedule,
+                "target_flops": config.target_flops})
 
         with clock.stage("validate"):
             validation = validate.validate(stage / "original.onnx", stage / "model.onnx", reference_logits=reference,
@@ -172,11 +164,12 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
                    "num_classes": classes},
             data=data.info, criterion=config.criterion, max_prune_per_group=config.max_prune_per_group,
             prune=prune_result,
-            accuracy_original=acc_original, accuracy_pruned_before_finetune=acc_pruned,
-            accuracy_pruned_recalibrated=acc_recalibrated,
+            accuracy_original=acc_original, accuracy_pruned_before_finetune=final_prune.accuracy_after,
+            accuracy_pruned_recalibrated=final_prune.accuracy_recalibrated,
             accuracy_compressed=acc_compressed, finetune=finetune_result, validation=validation,
             onnx_bytes=exported.bytes, onnx_original_bytes=exported_original.bytes,
             stage_seconds=clock.seconds, device=str(device), versions=_versions(), warnings=notes,
-            requested_flops=config.target_flops, latency_search=latency_search, layer_profile=layers)
+            schedule=scheduled, requested_flops=config.target_flops, latency_search=latency_search,
+            layer_profile=layers)
         report.write_reports(result, stage)
     return result

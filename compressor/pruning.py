@@ -69,10 +69,13 @@ class PruneResult:
     """Groups whose kept width is not a multiple of ``round_to``: the target could not be met otherwise."""
 
 
-def score_groups(graph: CouplingGraph, criterion: Criterion) -> list[torch.Tensor]:
-    """Per-unit scores of every group (higher = keep), blocks averaged where channels come in blocks."""
+def score_groups(graph: CouplingGraph, criterion: Criterion, *, costs: list[float] | None = None) -> list[torch.Tensor]:
+    """Per-unit scores of every group (higher = keep), blocks averaged where channels come in blocks.
+
+    ``costs`` (from :func:`channel_costs`) saves measuring them again for a criterion that needs them.
+    """
     if needs_channel_costs(criterion):
-        criterion.set_channel_costs(ChannelCosts.of_graph(graph, channel_costs(graph)))
+        criterion.set_channel_costs(ChannelCosts.of_graph(graph, costs if costs is not None else channel_costs(graph)))
     scores = []
     for spec in graph.groups:
         with torch.no_grad():
@@ -138,7 +141,18 @@ Chunk = tuple[int, tuple[int, ...]]
 """A group index and the units removed together as one step of the ranking."""
 
 
-def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction: float, round_to: int) -> list[Chunk]:
+def min_units(spec: GroupSpec, *, max_fraction: float, round_to: int, original_units: int | None = None) -> int:
+    """The fewest units the cap lets ``spec`` keep, rounded up to a multiple of ``round_to`` where it can
+    be; ``original_units`` makes the cap count from the width before earlier prunes (gradual schedules)."""
+    n = original_units or spec.units
+    keep = max(1, math.ceil(n * (1 - max_fraction)))
+    if round_to > 1:
+        keep = max(round_to, math.ceil(keep / round_to) * round_to)
+    return keep
+
+
+def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction: float, round_to: int,
+            original_units: dict[str, int] | None = None) -> list[Chunk]:
     """Removal steps in the order they are taken, ascending score.
 
     Within a group units go lowest score first. With ``round_to`` > 1 they go in chunks, so every
@@ -150,9 +164,9 @@ def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction
     for spec, s in zip(groups, scores):
         order = [int(u) for u in torch.argsort(s, stable=True) if math.isfinite(float(s[u]))]
         n = spec.units
-        min_keep = max(1, math.ceil(n * (1 - max_fraction)))
+        min_keep = min_units(spec, max_fraction=max_fraction, round_to=round_to,
+                             original_units=(original_units or {}).get(spec.root))
         if round_to > 1:
-            min_keep = max(round_to, math.ceil(min_keep / round_to) * round_to)
             widths = list(range(n - n % round_to if n % round_to else n - round_to, min_keep - 1, -round_to))
         else:
             widths = list(range(n - 1, min_keep - 1, -1))
@@ -181,7 +195,7 @@ def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_f
     return flops.measure(pruned, graph.example_input).macs / flops.measure(graph.model, graph.example_input).macs
 
 
-def _one_group_fill(base, scores, groups, probe, *, lower, target, max_fraction):
+def _one_group_fill(base, scores, groups, probe, *, lower, target, max_fraction, original_units):
     """With rounding, a target between two rounded plans is met by giving one group a width off the
     multiple: bisect, group by group, over its next-ranked single units."""
     removed: dict[int, set[int]] = {}
@@ -190,7 +204,8 @@ def _one_group_fill(base, scores, groups, probe, *, lower, target, max_fraction)
     for spec in sorted(groups, key=lambda s: -s.units):
         s = scores[spec.index]
         taken = removed.get(spec.index, set())
-        room = spec.units - max(1, math.ceil(spec.units * (1 - max_fraction))) - len(taken)
+        room = spec.units - min_units(spec, max_fraction=max_fraction, round_to=1,
+                                      original_units=original_units.get(spec.root)) - len(taken)
         free = [int(u) for u in torch.argsort(s, stable=True) if int(u) not in taken][: max(room, 0)]
         lo, hi = 0, len(free)
         if not free or probe(base + [(spec.index, tuple(free))])[1] > target:
@@ -216,11 +231,17 @@ def search(
     max_prune_fraction: float,
     round_to: int = 1,
     on_probe: Callable[[int, float], None] | None = None,
+    original_units: dict[str, int] | None = None,
 ) -> tuple[nn.Module, PruneResult]:
-    """Prune a copy of ``graph.model`` to ``target_ratio`` of its MACs; return it with the result."""
+    """Prune a copy of ``graph.model`` to ``target_ratio`` of its MACs; return it with the result.
+
+    ``original_units`` (group root -> units before any pruning) makes the per-group cap count from
+    the original widths when ``graph.model`` has been pruned before.
+    """
     start = time.perf_counter()
     original = flops.measure(graph.model, graph.example_input)
-    order = _chunks(graph.groups, scores, max_fraction=max_prune_fraction, round_to=round_to)
+    order = _chunks(graph.groups, scores, max_fraction=max_prune_fraction, round_to=round_to,
+                    original_units=original_units)
     probes = 0
     off_multiple: list[str] = []
     cache: dict[tuple, tuple[nn.Module, flops.Cost]] = {}
@@ -277,7 +298,8 @@ def search(
                 skipped.add(extra[0])
         else:
             found = _one_group_fill(base, scores, graph.groups, probe, lower=lower, target=target_ratio,
-                                    max_fraction=max_prune_fraction) if round_to > 1 else None
+                                    max_fraction=max_prune_fraction, original_units=original_units or {}) \
+                if round_to > 1 else None
             if found is not None:
                 chosen, model, ratio = found
                 off_multiple = [graph.groups[found[0][-1][0]].root]

@@ -12,6 +12,7 @@ from .finetune import FinetuneResult
 from .latency import LatencySearchResult
 from .profile import LayerProfile
 from .pruning import PruneResult
+from .schedules import ScheduleResult
 from .validate import Latency, ValidationResult
 
 NOT_FASTER_BELOW = 1.05
@@ -40,6 +41,7 @@ class CompressResult:
     device: str
     versions: dict[str, str]
     warnings: list[str]
+    schedule: ScheduleResult | None = None
     requested_flops: float | None = None
     """``--target-flops`` as given (None when only a latency target was)."""
     latency_search: LatencySearchResult | None = None
@@ -108,6 +110,8 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
         "search": {"probes": p.probes, "seconds": p.seconds, "round_to": p.round_to, "off_multiple": p.off_multiple,
                    "max_prune_per_group": r.max_prune_per_group,
                    "layers": [{"group": l.group, "before": l.before, "after": l.after} for l in p.layers]},
+        "schedule": ({"name": r.schedule.name, "events": [asdict(e) for e in r.schedule.events],
+                      "details": r.schedule.details} if r.schedule else None),
         "finetune": asdict(r.finetune) if r.finetune else None,
         "stages_seconds": r.stage_seconds,
         "device": r.device,
@@ -175,7 +179,8 @@ def table_rows(r: CompressResult) -> list[tuple[str, str, str, str]]:
 def to_markdown(r: CompressResult) -> str:
     d = to_dict(r)
     lines = [f"# Compression report: {r.model.get('source', '')}", "",
-             f"Target {r.prune.target_ratio:g} of the original FLOPs, criterion `{r.criterion}`; "
+             f"Target {r.prune.target_ratio:g} of the original FLOPs, criterion `{r.criterion}`"
+             + (f", schedule `{r.schedule.name}`" if r.schedule else "") + "; "
              f"achieved {r.prune.achieved_ratio:.4f}.", ""]
     lines += [f"> **WARNING: {w}**" for w in alerts(r)]
     lines += ["", "| | original | compressed | change |", "|---|---|---|---|"]
@@ -206,7 +211,7 @@ def to_markdown(r: CompressResult) -> str:
                   f"{lp['other_latency_share_compressed']:.1%} |"]
     lines += ["", "## Accuracy on the validation split", "",
               f"- original (PyTorch): {r.accuracy_original:.2%}",
-              f"- right after pruning, before fine-tuning: {r.accuracy_pruned_before_finetune:.2%}",
+              f"- right after the (last) physical prune: {r.accuracy_pruned_before_finetune:.2%}",
               *([f"- after batch-norm recalibration: {r.accuracy_pruned_recalibrated:.2%}"]
                 if r.accuracy_pruned_recalibrated is not None else []),
               f"- after fine-tuning (PyTorch): {r.accuracy_compressed:.2%}",
@@ -217,6 +222,14 @@ def to_markdown(r: CompressResult) -> str:
               f"- top-1 agreement: {r.validation.parity.top1_agreement:.2%} of {r.validation.parity.samples} images",
               "", "## Channels per group", "", "| group (root layer) | before | after |", "|---|---|---|"]
     lines += [f"| {l['group']} | {l['before']} | {l['after']} |" for l in d["search"]["layers"]]
+    if r.schedule:
+        lines += ["", f"## Schedule `{r.schedule.name}`", "",
+                  "| step | epoch | FLOPs ratio | accuracy before | right after | after BN recalibration | why |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e.step} | {e.epoch:g} | {e.flops_ratio:.3f} | {e.accuracy_before:.2%} | {e.accuracy_after:.2%} | "
+                  f"{'-' if e.accuracy_recalibrated is None else f'{e.accuracy_recalibrated:.2%}'} | {e.reason} |"
+                  for e in r.schedule.events]
+        lines += ["", "Details: `" + json.dumps(r.schedule.details) + "`"]
     lines += ["", "## Stages (seconds)", ""] + [f"- {k}: {v:.1f}" for k, v in r.stage_seconds.items()]
     if r.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in r.warnings]

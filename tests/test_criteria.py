@@ -14,7 +14,7 @@ from compressor.pipeline import prepare_criterion
 from typer.testing import CliRunner
 
 import compressor
-from compressor import criteria, graph, pruning
+from compressor import criteria, graph, pruning, registry
 from compressor.cli.toolbox import app as toolbox
 from compressor.errors import ConfigError
 from compressor.plugins.magnitude import GroupL2
@@ -41,7 +41,7 @@ def installed(monkeypatch):
             calls.append(group)
             return metadata.EntryPoints(ep for ep in entry_points if ep.group == group)
 
-        monkeypatch.setattr(criteria, "metadata", SimpleNamespace(entry_points=fake_entry_points))
+        monkeypatch.setattr(registry, "metadata", SimpleNamespace(entry_points=fake_entry_points))
         criteria.refresh()
         return calls
 

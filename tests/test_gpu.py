@@ -35,3 +35,12 @@ def test_gpu_run_uses_amp_and_the_cuda_provider(make_config):
     assert result.validation.provider == "CUDAExecutionProvider"
     assert result.validation.parity.max_abs_diff < 1e-3  # cuDNN kernels differ from the CPU reference
     assert result.validation.parity.top1_agreement >= 0.99
+
+
+@needs_gpu
+@pytest.mark.parametrize("schedule", ["gradual", "ocs", "cyclical"])
+def test_every_schedule_trains_and_prunes_on_the_gpu(make_config, schedule):
+    # Masks, decay, calibration and batch-norm recalibration all act on the model where it trains.
+    result = compress(make_config(device="cuda", schedule=schedule, criterion="taylor", epochs=3, batch_size=8))
+    assert result.prune.achieved_ratio <= 0.5
+    assert result.validation.parity.top1_agreement >= 0.99

@@ -113,7 +113,8 @@ def test_resolved_ratio_reproduces_the_timed_candidate(tiny, make_config):
         return LatencyMeasurement(ratio=r, spread=0.0, original_ms=1.0, compressed_ms=r)
 
     config = make_config(target_flops=None, target_latency=0.8)
-    ratio, result = latency.resolve_target(coupling, scores, config, round_to=8, sample=coupling.example_input,
+    ratio, result = latency.resolve_target(coupling, config, criterion=criteria.get_criterion("l2"),
+                                           data=SimpleNamespace(val_x=coupling.example_input), round_to=8,
                                            timer=sqrt_timer)
 
     assert result is not None and result.latency_ratio <= 0.8 and len(timed) == len(result.probes)
@@ -124,9 +125,9 @@ def test_resolved_ratio_reproduces_the_timed_candidate(tiny, make_config):
 
 
 def test_without_a_latency_target_the_flops_target_passes_through(tiny, make_config):
-    coupling, scores = tiny
-    assert latency.resolve_target(coupling, scores, make_config(target_flops=0.4), round_to=8,
-                                  sample=coupling.example_input) == (0.4, None)
+    coupling, _ = tiny
+    assert latency.resolve_target(coupling, make_config(target_flops=0.4), criterion=criteria.get_criterion("l2"),
+                                  data=SimpleNamespace(val_x=coupling.example_input), round_to=8) == (0.4, None)
 
 
 # -- config ------------------------------------------------------------------------------------------------------
