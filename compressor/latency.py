@@ -128,7 +128,8 @@ def search_latency(
 
     ``prune(r)`` prunes to FLOPs ratio ``r``; ``floor`` is the smallest ratio it can reach. The
     candidate at the cap is tried first (both targets must hold: if it is fast enough, the FLOPs
-    target decides), then the floor (if even that is too slow, the target is unreachable), then the
+    target decides), then the floor (if even that is too slow, measured twice where the first miss
+    lay within its own spread, the target is unreachable), then the
     bracket between them shrinks by interpolation, kept inside its middle half so that noise cannot
     stall it, until it is ``FLOPS_RESOLUTION`` wide or ``MAX_PROBES`` candidates were timed.
     """
@@ -158,6 +159,8 @@ def search_latency(
         # The unpruned model: ratio 1 by definition, and the target is below 1.
         hi = LatencyProbe(flops_target=1.0, flops_ratio=1.0, latency_ratio=1.0, spread=0.0, meets=False)
     lo = probe(floor)
+    if not lo.meets and lo.latency_ratio - lo.spread <= target:
+        lo = probe(floor)  # missed within its own noise: one more measurement before calling the target unreachable
     if not lo.meets:
         best = min(probes, key=lambda p: p.latency_ratio)
         raise TargetUnreachableError(
