@@ -167,8 +167,8 @@ def search_latency(
             f"--target-latency {target:g} is unreachable: the best reachable latency ratio is "
             f"{best.latency_ratio:.3f} (±{best.spread:.3f}, at FLOPs ratio {best.flops_ratio:.3f}) on {provider} "
             f"at batch {batch}",
-            hint=f"ask for {math.ceil((best.latency_ratio + best.spread / 2) * 100) / 100:g} or more, raise "
-                 "--max-prune-per-group, or try another --round-to")
+            hint=f"ask for {min(0.99, math.ceil((best.latency_ratio + best.spread / 2) * 100) / 100):g} or more, "
+                 "raise --max-prune-per-group, try another --round-to, or measure at a larger --latency-batch")
     while hi.flops_target - lo.flops_target > FLOPS_RESOLUTION and len(probes) < MAX_PROBES:
         width = hi.flops_target - lo.flops_target
         slope = (hi.latency_ratio - lo.latency_ratio) / width
