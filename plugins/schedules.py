@@ -4,7 +4,6 @@ masks."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from compressor.config import CompressConfig
