@@ -33,7 +33,11 @@ def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int =
     """Serialise ``model`` (on the CPU, eval mode) to ONNX with a dynamic batch axis."""
     buffer = io.BytesIO()
     model = model.cpu().eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        # Under no_grad in eval mode nn.MultiheadAttention takes a fused kernel that has no ONNX
+        # symbolic; with the fast path off it exports as the matmuls it computes.
+        torch.backends.mha.set_fastpath_enabled(False)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter: it needs no extra package and handles the dynamic batch
@@ -48,6 +52,8 @@ def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int =
         where = f" (unsupported operator {op})" if op else ""
         raise ExportError(f"ONNX export failed{where}: {str(exc).splitlines()[0][:300]}",
                           hint="rewrite or replace that operation, or try a newer torch") from exc
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return buffer.getvalue()
 
 

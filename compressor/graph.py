@@ -7,6 +7,7 @@ blocks whose head bookkeeping has to follow the pruned widths.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -89,37 +90,99 @@ def find_classifier(model: nn.Module, example_input: torch.Tensor) -> str | None
 
 
 def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    # timm's layout: a fused ``qkv`` projection and ``num_heads``/``head_dim`` attributes.
+    # timm's layout (a fused ``qkv`` projection and ``num_heads``/``head_dim`` attributes) and
+    # torch's ``nn.MultiheadAttention`` (torchvision's ViT).
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
+        if isinstance(m, nn.MultiheadAttention)
+        or (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int))
     }
 
 
+def _head_blocks(attention: dict[str, nn.Module]) -> dict[nn.Module, int]:
+    """The module whose pruned output channels come in head blocks -> its head count."""
+    return {(m if isinstance(m, nn.MultiheadAttention) else m.qkv): m.num_heads for m in attention.values()}
+
+
 def patch_attention(model: nn.Module) -> None:
-    """Make ``head_dim`` follow the pruned ``qkv`` width (the scale is kept: it is part of the learned function)."""
-    for m in _attention_modules(model).values():
-        if hasattr(m, "head_dim"):
-            m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+    """Make the attributes that a forward reads as plain ints follow the pruned widths.
+
+    timm's ``head_dim`` follows the ``qkv`` width (the scale is kept: it is part of the learned
+    function); ``nn.MultiheadAttention``'s ``embed_dim``/``head_dim``/``kdim``/``vdim`` follow its
+    ``out_proj``; torchvision's ViT reshapes its patch embedding with ``hidden_dim``.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            m.embed_dim = m.out_proj.out_features
+            m.head_dim = m.embed_dim // m.num_heads
+            if m._qkv_same_embed_dim:
+                m.kdim = m.vdim = m.embed_dim
+        elif isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int):
+            if hasattr(m, "head_dim"):
+                m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        elif isinstance(getattr(m, "conv_proj", None), nn.Conv2d) and isinstance(getattr(m, "hidden_dim", None), int):
+            m.hidden_dim = m.conv_proj.out_channels
+
+
+def _is_grouped_conv(m: nn.Module) -> bool:
+    # Depthwise convolutions (one group per channel) have their own pruner; other grouped ones
+    # keep ``groups`` and slice each group's inputs alike, so they must lose the same channels in every group.
+    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and 1 < m.groups < m.in_channels
 
 
 def _channel_groups(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[nn.Module, int]) -> int:
-    blocks = [num_heads[dep.target.module] for dep, _ in group
-              if dep.target.module in num_heads and dg.is_out_channel_pruning_fn(dep.handler)]
-    return max(blocks, default=1)
+    blocks = {num_heads[dep.target.module] for dep, _ in group
+              if dep.target.module in num_heads and dg.is_out_channel_pruning_fn(dep.handler)}
+    blocks |= {dep.target.module.groups for dep, _ in group if _is_grouped_conv(dep.target.module)}
+    return math.lcm(*blocks) if blocks else 1
 
 
 def _reroot_attention(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[nn.Module, int]) -> tp.Group | None:
     # A qkv group rooted at qkv's outputs indexes q, k and v together (3x the width); rooted at the
     # consumer's inputs (the output projection) the indices are one head-dim block each, which is
     # what pruning equally across heads needs. torch-pruning's own pruner does the same.
-    if not any(dep.target.module in num_heads and dg.is_out_channel_pruning_fn(dep.handler) for dep, _ in group):
+    # nn.MultiheadAttention prunes its inputs and outputs alike: its groups need no re-rooting.
+    if not any(dep.target.module in num_heads and not isinstance(dep.target.module, nn.MultiheadAttention)
+               and dg.is_out_channel_pruning_fn(dep.handler) for dep, _ in group):
         return group
     for dep, idxs in group:
         if isinstance(dep.target.module, ROOT_TYPES) and dg.is_in_channel_pruning_fn(dep.handler):
             return dg.get_pruning_group(dep.target.module, dep.handler, idxs)
     return None
+
+
+def _layer_widths(model: nn.Module) -> set[int]:
+    widths = set()
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            widths.add(m.out_channels)
+        elif isinstance(m, nn.Linear):
+            widths.add(m.out_features)
+        elif isinstance(m, nn.LayerNorm) and m.normalized_shape:
+            widths.add(m.normalized_shape[-1])
+    return widths
+
+
+def unwrapped_parameters(model: nn.Module, dg: tp.DependencyGraph) -> list[tuple[nn.Parameter, int]]:
+    """Parameters no torch-pruning pruner owns (class tokens, position embeddings, layer-scale
+    gammas), each with the dimension that indexes channels.
+
+    That is the last dimension whose size is the output width of some layer of the model;
+    torch-pruning's own guess, the last dimension larger than one, is the fallback. Passing them
+    explicitly also keeps torch-pruning from warning about each one.
+    """
+    prunable = set(dg.REGISTERED_PRUNERS) - {tp.ops.OPTYPE.ELEMENTWISE}
+    wrapped = {id(p) for m in model.modules() if tp.ops.module2type(m) in prunable for p in m.parameters()}
+    widths = _layer_widths(model)
+    found = []
+    for p in model.parameters():
+        if id(p) in wrapped:
+            continue
+        dims = [d for d, n in enumerate(p.shape) if n > 1 and n in widths] or [d for d, n in enumerate(p.shape) if n > 1]
+        if dims:
+            found.append((p, dims[-1]))
+    return found
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...] = ()) -> CouplingGraph:
@@ -132,12 +195,14 @@ def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, 
     for name in protect:
         protected[name] = "protected by the user"
     attention = _attention_modules(model)
-    num_heads = {m.qkv: m.num_heads for m in attention.values()}
+    num_heads = _head_blocks(attention)
     ignored = [model.get_submodule(name) for name in protected]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input[:1], verbose=False)
+            dg = tp.DependencyGraph()
+            dg = dg.build_dependency(model, example_inputs=example_input[:1], verbose=False,
+                                     unwrapped_parameters=unwrapped_parameters(model, dg))
     except Exception as exc:
         raise GraphError(f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
 
@@ -151,13 +216,16 @@ def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, 
         root = root_dep.target.module
         if root not in names:
             continue
+        ch_groups = _channel_groups(dg, group, num_heads)
+        if len(group[0].idxs) % ch_groups:
+            continue  # blocks that do not tile the channels: no even pruning exists
         layers = tuple(dict.fromkeys(names[d.target.module] for d, _ in group if d.target.module in names))
         specs.append(GroupSpec(
             index=len(specs),
             root=names[root],
             handler="out" if dg.is_out_channel_pruning_fn(root_dep.handler) else "in",
             size=len(group[0].idxs),
-            ch_groups=_channel_groups(dg, group, num_heads),
+            ch_groups=ch_groups,
             layers=layers,
         ))
     return CouplingGraph(model=model, dg=dg, example_input=example_input[:1], groups=specs,
