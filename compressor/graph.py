@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch import nn
 
 from .errors import GraphError
@@ -185,6 +186,66 @@ def unwrapped_parameters(model: nn.Module, dg: tp.DependencyGraph) -> list[tuple
     return found
 
 
+class UnmappedReshape(Exception):
+    """A group's channels cross a reshape that torch-pruning cannot map."""
+
+
+def _unmappable(idxs):
+    raise UnmappedReshape("its channels pass through a reshape torch-pruning cannot map (a channel shuffle?)")
+
+
+def _tolerant_reshape_mapping(original):
+    """torch-pruning's reshape index mapping, with the reshapes it cannot map made impassable.
+
+    torch-pruning maps channel indices through a reshape only where it is a flatten; a channel
+    shuffle's ``view(b, groups, c // groups, h, w)`` (ShuffleNet) makes it divide by zero, in the
+    trace and again in every ``get_pruning_group``. Such a reshape gets a mapping that raises, so a
+    group reaching it fails fast and is left unpruned (see ``_all_groups``) instead of failing the trace.
+    """
+
+    def tolerant(dg, node):
+        try:
+            original(dg, node)
+        except (ArithmeticError, IndexError, ValueError):
+            edges = list(node.dependencies) + [d for n in node.inputs + node.outputs for d in n.dependencies
+                                               if d.target is node]
+            for dep in edges:
+                dep.index_mapping[0] = _unmappable
+
+    tolerant.__wrapped__ = original
+    return tolerant
+
+
+if not hasattr(tp_index_mapping.update_reshape_index_mapping, "__wrapped__"):
+    tp_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping(tp_index_mapping.update_reshape_index_mapping)
+
+
+def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module], failed: dict[nn.Module, str]):
+    """torch-pruning's ``get_all_groups``, except that a root whose group torch-pruning cannot build
+    (an index error behind a concat or split it mapped wrongly) is recorded in ``failed`` and
+    skipped instead of ending the whole listing."""
+    ignored = ignored + dg.IGNORED_LAYERS_IN_TRACING
+    visited: set[nn.Module] = set()
+    for m in list(dg.module2node):
+        if m in ignored or m in visited or not isinstance(m, ROOT_TYPES):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        try:
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except UnmappedReshape as exc:
+            failed[m] = str(exc)
+            continue
+        except (IndexError, ValueError, ArithmeticError) as exc:
+            failed[m] = f"torch-pruning cannot map its channels ({type(exc).__name__}: {exc})"
+            continue
+        out_modules = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
+        visited |= out_modules
+        if not out_modules & set(ignored):
+            yield group
+
+
 def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...] = ()) -> CouplingGraph:
     """Build the coupling graph of ``model`` and list its prunable groups."""
     model.eval()
@@ -193,7 +254,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, 
     if classifier is not None:
         protected[classifier] = "classifier (its width is the number of classes)"
     for name in protect:
-        protected[name] = "protected by the user"
+        protected.setdefault(name, "protected by the user")
     attention = _attention_modules(model)
     num_heads = _head_blocks(attention)
     ignored = [model.get_submodule(name) for name in protected]
@@ -208,8 +269,13 @@ def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, 
 
     names = {m: n for n, m in model.named_modules()}
     specs: list[GroupSpec] = []
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=ROOT_TYPES):
-        group = _reroot_attention(dg, group, num_heads)
+    failed: dict[nn.Module, str] = {}
+    for group in _all_groups(dg, ignored, failed):
+        try:
+            group = _reroot_attention(dg, group, num_heads)
+        except (IndexError, ValueError, ArithmeticError) as exc:
+            failed[group[0].dep.target.module] = f"torch-pruning cannot map its channels ({type(exc).__name__}: {exc})"
+            continue
         if group is None:
             continue
         root_dep = group[0].dep
@@ -228,5 +294,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, 
             ch_groups=ch_groups,
             layers=layers,
         ))
+    for m, why in failed.items():
+        protected.setdefault(names[m], why)
     return CouplingGraph(model=model, dg=dg, example_input=example_input[:1], groups=specs,
                          protected=protected, attention=list(attention), num_heads=num_heads)
