@@ -216,8 +216,34 @@ def _tolerant_reshape_mapping(original):
     return tolerant
 
 
-if not hasattr(tp_index_mapping.update_reshape_index_mapping, "__wrapped__"):
-    tp_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping(tp_index_mapping.update_reshape_index_mapping)
+MAX_GROUP_INDICES = 1 << 16
+"""A group whose channel indices multiply past this through reshapes is not prunable. torch-pruning
+maps a flatten by multiplying indices; chained through Swin's window partitions they grow until the
+trace takes many GB of memory."""
+
+
+def _bounded_flatten_mapping(original):
+    def bounded(self, idxs):
+        if not self.reverse and len(idxs) * self._stride > MAX_GROUP_INDICES:
+            raise UnmappedReshape(f"its channel indices multiply past {MAX_GROUP_INDICES} through reshapes "
+                                  "(window partitions?); torch-pruning cannot map them in bounded memory")
+        return original(self, idxs)
+
+    bounded.__wrapped__ = original
+    return bounded
+
+
+def _install_mappings() -> None:
+    """Wrap torch-pruning's index mappings once per process (see the two wrappers above)."""
+    if not hasattr(tp_index_mapping.update_reshape_index_mapping, "__wrapped__"):
+        tp_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping(
+            tp_index_mapping.update_reshape_index_mapping)
+    flatten = tp_index_mapping._FlattenIndexMapping
+    if not hasattr(flatten.__call__, "__wrapped__"):
+        flatten.__call__ = _bounded_flatten_mapping(flatten.__call__)
+
+
+_install_mappings()
 
 
 def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module], failed: dict[nn.Module, str]):

@@ -118,6 +118,9 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
             round_to=config.round_to,
             on_probe=lambda n, r: progress.advance(1, flops_ratio=r))
         progress.done()
+        for unsafe in prune_result.unsafe_groups:
+            notes.append(f"group {unsafe} broke the model when pruned; it was left unpruned")
+            progress.note(notes[-1])
         if prune_result.off_multiple:
             notes.append(f"to land within 1% of the FLOPs target, group {prune_result.off_multiple[0]} keeps a width "
                          f"that is not a multiple of --round-to {config.round_to}")
