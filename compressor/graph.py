@@ -233,11 +233,27 @@ def _bounded_flatten_mapping(original):
     return bounded
 
 
+def _cached_index_mapping(original):
+    """torch-pruning recomputes every index mapping of the graph in each ``get_pruning_group``;
+    they change only when pruning changes a shape. Swin's trace took minutes without this."""
+
+    def cached(dg):
+        key = tuple(tuple(p.shape) for p in dg.model.parameters())
+        if getattr(dg, "_compressor_mapping_key", None) != key:
+            original(dg)
+            dg._compressor_mapping_key = key
+
+    cached.__wrapped__ = original
+    return cached
+
+
 def _install_mappings() -> None:
-    """Wrap torch-pruning's index mappings once per process (see the two wrappers above)."""
+    """Wrap torch-pruning's index mappings once per process (see the wrappers above)."""
     if not hasattr(tp_index_mapping.update_reshape_index_mapping, "__wrapped__"):
         tp_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping(
             tp_index_mapping.update_reshape_index_mapping)
+    if not hasattr(tp_index_mapping.update_index_mapping, "__wrapped__"):
+        tp_index_mapping.update_index_mapping = _cached_index_mapping(tp_index_mapping.update_index_mapping)
     flatten = tp_index_mapping._FlattenIndexMapping
     if not hasattr(flatten.__call__, "__wrapped__"):
         flatten.__call__ = _bounded_flatten_mapping(flatten.__call__)
