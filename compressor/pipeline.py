@@ -16,6 +16,7 @@ from .data import LoadedData, load_data
 from .errors import ConfigError, DataError
 from .export import export_onnx
 from .loading import load_model
+from .preflight import check_prunable
 from .progress import Progress
 
 
@@ -107,6 +108,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
 
     with clock.stage("trace"):
         coupling = graph.trace(original, data.val_x[:1])
+        check_prunable(coupling)
 
     with clock.stage("prune"):
         prepare_criterion(criterion, original, data, batches=config.calibration_batches, batch_size=config.batch_size)
