@@ -68,3 +68,32 @@ def test_grouped_convolutions_lose_the_same_channels_in_every_group():
     assert pruned[2].groups == 4 and pruned[2].in_channels % 4 == 0
     with torch.no_grad():
         assert pruned(torch.randn(2, 1, 12, 12)).shape == (2, 3)
+
+
+class HardCodedWidth(nn.Module):
+    """A forward with a width written into a reshape: pruning ``conv1`` breaks it, torch-pruning cannot tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 256, 3, padding=1)  # wide, so that it alone can meet the target within 1%
+        self.conv1 = nn.Conv2d(256, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        return self.fc(x.reshape(x.shape[0], 16, -1).mean(2))
+
+
+def test_a_group_that_breaks_the_forward_is_left_unpruned_and_reported():
+    torch.manual_seed(0)
+    model = HardCodedWidth().eval()
+    example = torch.randn(1, 1, 8, 8)
+
+    coupling, pruned, result = _prune_half(model, example)
+
+    assert {s.root for s in coupling.groups} == {"conv0", "conv1"}
+    assert len(result.unsafe_groups) == 1 and result.unsafe_groups[0].startswith("conv1: RuntimeError")
+    assert pruned.conv1.out_channels == 16 and pruned.conv0.out_channels < 256
+    assert 0.495 <= result.achieved_ratio <= 0.5
+    with torch.no_grad():
+        assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 3)
