@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +26,76 @@ class ExportResult:
 
 
 def _unsupported_op(exc: BaseException) -> str | None:
-    match = re.search(r"operator '?([\w:.]+)'? to ONNX", str(exc)) or re.search(r"(aten::\w+)", str(exc))
+    match = re.search(r"operator '?([\w:.]+)'?,? (?:to ONNX|output size)", str(exc)) or re.search(r"(aten::\w+)", str(exc))
     return match.group(1) if match else None
+
+
+def _pool_matrix(size: int, out: int) -> torch.Tensor:
+    """The averaging matrix of adaptive average pooling along one axis (PyTorch's bin edges)."""
+    m = torch.zeros(out, size)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+class _MatrixAdaptiveAvgPool2d(nn.Module):
+    """``AdaptiveAvgPool2d`` for one input size as two matrix products.
+
+    The TorchScript exporter only handles adaptive pooling whose output size divides the input
+    size; torchvision's VGG pools its 1x1 map at 32 px to 7x7. The input size is fixed in the
+    ONNX file anyway (only the batch axis is dynamic), so the pooling is a constant linear map.
+    """
+
+    def __init__(self, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", _pool_matrix(in_hw[0], out_hw[0]))
+        self.register_buffer("cols", _pool_matrix(in_hw[1], out_hw[1]).t().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols
+
+
+@contextmanager
+def _exportable_pools(model: nn.Module, example_input: torch.Tensor):
+    """Swap the adaptive poolings the exporter cannot handle for matrix ones, and back afterwards."""
+    shapes: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, (i[0].shape[-2:], o.shape[-2:])))
+             for name, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    try:
+        if hooks:
+            with torch.no_grad():
+                model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    swapped = {name: model.get_submodule(name) for name, (i, o) in shapes.items()
+               if i[0] % o[0] or i[1] % o[1]}
+    for name, (i, o) in shapes.items():
+        if name in swapped:
+            _set_submodule(model, name, _MatrixAdaptiveAvgPool2d(tuple(i), tuple(o)))
+    try:
+        yield
+    finally:
+        for name, m in swapped.items():
+            _set_submodule(model, name, m)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int = OPSET) -> bytes:
     """Serialise ``model`` (on the CPU, eval mode) to ONNX with a dynamic batch axis."""
     buffer = io.BytesIO()
     model = model.cpu().eval()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # Under no_grad in eval mode nn.MultiheadAttention takes a fused kernel that has no ONNX
+        # symbolic; with the fast path off it exports as the matmuls it computes.
+        torch.backends.mha.set_fastpath_enabled(False)
+        with warnings.catch_warnings(), torch.no_grad(), _exportable_pools(model, example_input[:1].cpu()):
             warnings.simplefilter("ignore")
             # The TorchScript-based exporter: it needs no extra package and handles the dynamic batch
             # axis of every architecture we test; the dynamo exporter needs onnxscript.
@@ -48,6 +109,8 @@ def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int =
         where = f" (unsupported operator {op})" if op else ""
         raise ExportError(f"ONNX export failed{where}: {str(exc).splitlines()[0][:300]}",
                           hint="rewrite or replace that operation, or try a newer torch") from exc
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return buffer.getvalue()
 
 

@@ -18,6 +18,7 @@ from .data import LoadedData, load_data
 from .errors import ConfigError, DataError
 from .export import export_onnx
 from .loading import load_model
+from .preflight import check_prunable
 from .progress import Progress
 
 
@@ -111,6 +112,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
 
     with clock.stage("trace"):
         coupling = graph.trace(original, data.val_x[:1])
+        check_prunable(coupling)
 
     with clock.stage("prune"):
         # The schedule prunes to one FLOPs ratio: the latency target, if any, is turned into one first.
@@ -127,6 +129,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
     with clock.stage("fine-tune"):
         scheduled = run.finish(schedule, config.schedule)
     pruned, prune_result, finetune_result = scheduled.model, scheduled.prune, scheduled.finetune
+    for unsafe in prune_result.unsafe_groups:
+        notes.append(f"group {unsafe} broke the model when pruned; it was left unpruned")
     if prune_result.off_multiple:
         notes.append(f"to land within 1% of the FLOPs target, group {prune_result.off_multiple[0]} keeps a width "
                      f"that is not a multiple of --round-to {round_to}")

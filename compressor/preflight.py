@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from . import flops, pruning
-from .errors import TargetUnreachableError
-from .graph import trace
+from .errors import GraphError, TargetUnreachableError
+from .graph import CouplingGraph, trace
 
 
 @dataclass(frozen=True)
@@ -36,19 +36,32 @@ class Inspection:
     min_reachable_ratio: float | None = None
 
 
+def check_prunable(graph: CouplingGraph) -> None:
+    """Refuse, before any work, a model that could not be compressed: every parameter frozen
+    (nothing could be fine-tuned), or no group of channels that may be pruned."""
+    params = list(graph.model.parameters())
+    if params and not any(p.requires_grad for p in params):
+        raise GraphError("every parameter of the model is frozen (requires_grad=False): the pruned model could not "
+                         "be fine-tuned", hint="unfreeze it (model.requires_grad_(True)) before saving it")
+    if not graph.groups:
+        why = "; ".join(f"{name}: {reason}" for name, reason in list(graph.protected.items())[:3])
+        raise GraphError("nothing in the model can be pruned: no coupled group of convolution or linear channels "
+                         "is left" + (f" (protected: {why})" if why else ""),
+                         hint="structured pruning needs convolution or linear layers whose width is not fixed by the output")
+
+
 def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float = 0.75) -> Inspection:
     """Trace ``model`` and report its groups and the smallest FLOPs ratio the search can reach."""
     graph = trace(model, example_input)
+    check_prunable(graph)
     cost = flops.measure(model, example_input)
     names = {p: n for n, p in model.named_parameters()}
-    unwrapped = sorted(names[u.parameters] for u in graph.dg.unwrapped_parameters if u.parameters in names)
-    floor = None
-    if graph.groups:
-        scores = [torch.ones(spec.units) for spec in graph.groups]  # the floor depends on the caps, not the scores
-        try:
-            floor = pruning.floor_ratio(graph, scores, max_prune_fraction=max_prune_fraction)
-        except TargetUnreachableError:
-            floor = None
+    unwrapped = sorted(names[p] for p, _ in graph.dg.unwrapped_parameters if p in names)
+    scores = [torch.ones(spec.units) for spec in graph.groups]  # the floor depends on the caps, not the scores
+    try:
+        floor = pruning.floor_ratio(graph, scores, max_prune_fraction=max_prune_fraction)
+    except TargetUnreachableError:
+        floor = None
     return Inspection(
         macs=cost.macs, params=cost.params,
         groups=[GroupInfo(s.root, s.size, s.units, len(s.layers)) for s in graph.groups],

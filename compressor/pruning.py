@@ -67,6 +67,8 @@ class PruneResult:
     round_to: int = 1
     off_multiple: list[str] = field(default_factory=list)
     """Groups whose kept width is not a multiple of ``round_to``: the target could not be met otherwise."""
+    unsafe_groups: list[str] = field(default_factory=list)
+    """Groups left unpruned because pruning them broke the model ("root: why")."""
 
 
 def score_groups(graph: CouplingGraph, criterion: Criterion, *, costs: list[float] | None = None) -> list[torch.Tensor]:
@@ -185,6 +187,36 @@ def _plan(chunks: list[Chunk]) -> PruningPlan:
     return PruningPlan.from_units([(g, u) for g, units in chunks for u in units])
 
 
+def _breaks(graph: CouplingGraph, chunks: list[Chunk]) -> str | None:
+    """Why pruning ``chunks`` from a copy breaks the model (pruning or the forward fails), or None."""
+    try:
+        model = pruned_copy(graph, _plan(chunks))
+        with torch.no_grad():
+            model(graph.example_input)
+    except Exception as exc:  # any failure of a third-party model's forward counts
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+    return None
+
+
+def screen_groups(graph: CouplingGraph, order: list[Chunk]) -> dict[int, str]:
+    """The groups whose pruning breaks the model (index or shape errors torch-pruning does not
+    foresee: head counts, shape constants in a reshape), group index -> why.
+
+    Called once every group pruned to its cap failed: each group is tried alone, one probe each.
+    """
+    unsafe = {}
+    for g in sorted({g for g, _ in order}):
+        why = _breaks(graph, [c for c in order if c[0] == g])
+        if why is not None:
+            unsafe[g] = why
+    rest = [c for c in order if c[0] not in unsafe]
+    why = _breaks(graph, rest)
+    if why is not None:
+        raise GraphError(f"pruning breaks the model although each group alone does not ({why})",
+                         hint="protect the layers involved (they interact through a shape the pruner cannot see)")
+    return unsafe
+
+
 def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_fraction: float,
                 round_to: int = 1) -> float:
     """The smallest MACs ratio the search can reach: every group pruned to its cap."""
@@ -262,7 +294,16 @@ def search(
 
     if not order:
         raise TargetUnreachableError("nothing in the model can be pruned (every group is protected or capped)")
-    _, floor_ratio = probe(order)
+    unsafe: dict[int, str] = {}
+    try:
+        _, floor_ratio = probe(order)  # counting the MACs runs the forward
+    except Exception:  # some group breaks the model: find it and go on without it
+        unsafe = screen_groups(graph, order)
+        order = [c for c in order if c[0] not in unsafe]
+        if not order:
+            raise TargetUnreachableError("nothing in the model can be pruned without breaking it: "
+                                         + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
+        _, floor_ratio = probe(order)
     if floor_ratio > target_ratio:
         raise TargetUnreachableError(
             f"--target-flops {target_ratio:g} is unreachable: the smallest reachable ratio is {floor_ratio:.3f} "
@@ -324,5 +365,6 @@ def search(
         layers=layers,
         round_to=round_to,
         off_multiple=off_multiple,
+        unsafe_groups=[f"{graph.groups[g].root}: {why}" for g, why in unsafe.items()],
     )
     return model, result

@@ -108,6 +108,7 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
                  "parity_samples": r.validation.parity.samples, "provider": r.validation.provider},
         "latency_ms": lat,
         "search": {"probes": p.probes, "seconds": p.seconds, "round_to": p.round_to, "off_multiple": p.off_multiple,
+                   "unsafe_groups": p.unsafe_groups,
                    "max_prune_per_group": r.max_prune_per_group,
                    "layers": [{"group": l.group, "before": l.before, "after": l.after} for l in p.layers]},
         "schedule": ({"name": r.schedule.name, "events": [asdict(e) for e in r.schedule.events],

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
+
+from compressor import compress
+from compressor.errors import GraphError
 
 from compressor.cli.toolbox import app as toolbox
 from compressor.models import create_model
@@ -39,3 +44,28 @@ def test_inspect_command_rejects_a_bad_shape_in_one_line(model_path):
     assert result.exit_code == 2
     assert "--input-shape" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_fully_frozen_model_is_refused_before_any_work():
+    model = create_model("resnet20", num_classes=10, in_channels=1, image_size=16).eval().requires_grad_(False)
+
+    with pytest.raises(GraphError, match="every parameter of the model is frozen"):
+        inspect_model(model, torch.randn(1, 1, 16, 16))
+
+
+def test_a_model_with_nothing_prunable_is_refused_with_what_is_protected():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()  # the only layer is the classifier
+
+    with pytest.raises(GraphError, match=r"nothing in the model can be pruned.*\(protected: 1: classifier"):
+        inspect_model(model, torch.randn(1, 1, 4, 4))
+
+
+def test_compress_refuses_a_frozen_model_and_writes_nothing(tmp_path, make_config, data_path, resnet20):
+    path = tmp_path / "frozen.pt"
+    torch.save(resnet20.requires_grad_(False), path)
+    config = make_config(model_path=path, arch=None, trust_pickle=True)
+
+    with pytest.raises(GraphError, match="frozen"):
+        compress(config)
+    assert not config.output_dir.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []

@@ -1,0 +1,58 @@
+"""Bad input that the other test modules do not reach through the command line: each ends in one
+``error:`` line naming the problem, exit code 2, no traceback and nothing written to --out.
+
+(Missing, corrupt, TorchScript and pickled models, a state dict not matching --arch, the wrong channel
+count, labels beyond the classifier, --target-flops out of range or unreachable and an existing
+--out are in ``test_cli.py``; a frozen or unprunable model in ``test_preflight.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny import make_images, save_npz
+from helpers_arch import erfinv_net
+from test_cli import _args, _assert_refused, _invoke
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "out"
+
+
+def test_fewer_images_than_classes(tmp_path, model_path, out):
+    images, _ = make_images(classes=1, per_class=3)
+    data = save_npz(tmp_path / "few.npz", images, np.array([0, 1, 3]))
+    result = _invoke(_args(model_path, data, out))
+    _assert_refused(result, "3 images for 4 classes (labels go up to 3)", out)
+
+
+def test_empty_image_folder(tmp_path, model_path, out):
+    (tmp_path / "images").mkdir()
+    result = _invoke(_args(model_path, tmp_path / "images", out))
+    _assert_refused(result, "has no class sub-folders", out)
+
+
+def test_a_model_that_cannot_be_exported_names_the_operator(tmp_path, data_path, out):
+    model = tmp_path / "erfinv.pt"
+    torch.manual_seed(0)
+    torch.save(erfinv_net().state_dict(), model)
+    result = _invoke(_args(model, data_path, out, "--epochs", "0", arch="helpers_arch:erfinv_net"))
+    _assert_refused(result, "ONNX export failed (unsupported operator aten::erfinv)", out)
+
+
+def test_a_nan_loss_stops_fine_tuning_keeps_the_last_good_state_and_says_so(tmp_path, model_path, data_path, out):
+    result = _invoke(_args(model_path, data_path, out, "--lr", "1e30", "--optimizer", "sgd", "--json"))
+
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert any("non-finite loss" in w and "kept the state from the end of epoch 0" in w for w in report["warnings"])
+    assert np.isfinite(report["onnx"]["max_abs_diff"])
+    accuracy = report["accuracy"]
+    before = accuracy["pruned_bn_recalibrated"] if accuracy["pruned_bn_recalibrated"] is not None else accuracy["pruned_before_finetune"]
+    assert accuracy["compressed"] == pytest.approx(before, abs=1e-6)  # the state fine-tuning started from
