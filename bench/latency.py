@@ -35,7 +35,9 @@ from compressor.models import create_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo"
-MODELS = ("demo", "resnet20", "mobilenetv2", "vgg16_bn")
+MODELS = ("demo", "resnet20", "mobilenetv2", "vgg16_bn", "tv_resnet18", "tv_mobilenet_v2")
+TORCHVISION_SIZE = 64
+"""Input side for the torchvision models (random weights and images, like the CIFAR-size ones)."""
 VARIANTS = {
     # name: (CompressConfig overrides, label)
     "default": ({"target_flops": 0.5}, "--target-flops 0.5 (default --round-to)"),
@@ -51,15 +53,22 @@ def _inputs(name: str, tmp: Path) -> dict:
         return {"model_path": DEMO / "resnet20_fmnist.pt", "data_path": DEMO / "fmnist_sample.npz", "arch": "resnet20",
                 "mean": (0.2860,), "std": (0.3530,)}
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10, in_channels=3, image_size=32).eval()
+    if name.startswith("tv_"):  # torchvision's own classifiers, built with weights=None
+        import torchvision
+
+        arch, size = f"torchvision.models:{name[3:]}", TORCHVISION_SIZE
+        model = getattr(torchvision.models, name[3:])(weights=None, num_classes=10).eval()
+    else:
+        arch, size = name, 32
+        model = create_model(name, num_classes=10, in_channels=3, image_size=32).eval()
     path = tmp / f"{name}.pt"
     torch.save(model.state_dict(), path)
     rng = np.random.default_rng(0)
-    data = tmp / "cifar_random.npz"
+    data = tmp / f"random_{size}.npz"
     if not data.exists():
-        np.savez(data, images=rng.integers(0, 256, (320, 32, 32, 3), dtype=np.uint8),
+        np.savez(data, images=rng.integers(0, 256, (320, size, size, 3), dtype=np.uint8),
                  labels=np.repeat(np.arange(10), 32))
-    return {"model_path": path, "data_path": data, "arch": name}
+    return {"model_path": path, "data_path": data, "arch": arch}
 
 
 def run_one(name: str, variant: str, *, out: Path, tmp: Path, runs: int) -> dict:

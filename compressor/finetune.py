@@ -156,6 +156,7 @@ class Cycle:
             teacher.cpu()
         self.optimizer = _optimizer(self.model, settings)
         self._good_state = copy.deepcopy(self.model.state_dict())
+        self._good_label = "the start of fine-tuning"
 
     @property
     def epoch_progress(self) -> float:
@@ -167,6 +168,8 @@ class Cycle:
         self.model = model.to(self.device)
         self.optimizer = _optimizer(self.model, self.settings)
         self._good_state = copy.deepcopy(self.model.state_dict())
+        self._good_label = ("the start of fine-tuning, right after pruning" if self.step == 0
+                            else f"the physical prune at step {self.step}")
 
     def _set_lr(self) -> None:
         self.lr, momentum = one_cycle(self.step, self.total_steps, self.settings.lr)
@@ -208,8 +211,7 @@ class Cycle:
                 self._set_lr()
                 loss, logits = self._loss(xb, yb, idx)
                 if not torch.isfinite(loss):
-                    stopped = (f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: kept the last good state "
-                               "(the end of the previous epoch, or the last physical prune)")
+                    stopped = f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: kept the state from {self._good_label}"
                     break
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
@@ -233,6 +235,7 @@ class Cycle:
                             "val_accuracy": val_acc})
             self.progress.note(f"epoch {epoch + 1}: loss {loss_sum / max(count, 1):.4f}, val accuracy {val_acc:.2%}")
             self._good_state = copy.deepcopy(self.model.state_dict())
+            self._good_label = f"the end of epoch {epoch + 1}"
         seconds = time.perf_counter() - start
         self.model.eval().cpu()
         final_acc = history[-1]["val_accuracy"] if history else accuracy(self.model, data.val_x, data.val_y)

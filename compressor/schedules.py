@@ -229,11 +229,12 @@ class Run:
         """Continue the cycle with ``pruned`` (from :meth:`plan`): recalibrate its batch norms, fresh
         optimiser state, and record the accuracy just before and just after."""
         before = self.accuracy()
-        self.cycle.replace_model(pruned)
-        after = self.accuracy()
+        pruned.to(self.device)
+        after = accuracy(pruned, self.data.val_x, self.data.val_y, device=self.device)
         recalibrated = None
         if self.config.bn_recalibration and recalibrate_bn(pruned, self.data.train_x, batch_size=self.config.batch_size):
-            recalibrated = self.accuracy()
+            recalibrated = accuracy(pruned, self.data.val_x, self.data.val_y, device=self.device)
+        self.cycle.replace_model(pruned)  # the state a non-finite loss falls back to: recalibrated
         event = PruneEvent(step=self.step, epoch=round(self.cycle.epoch_progress, 3), flops_ratio=self.flops_ratio(),
                            accuracy_before=before, accuracy_after=after, accuracy_recalibrated=recalibrated,
                            reason=reason)
