@@ -134,6 +134,10 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
     if prune_result.off_multiple:
         notes.append(f"to land within 1% of the FLOPs target, group {prune_result.off_multiple[0]} keeps a width "
                      f"that is not a multiple of --round-to {round_to}")
+    if prune_result.achieved_ratio < prune_result.target_ratio * (1 - pruning.TOLERANCE):
+        notes.append(f"the achieved FLOPs ratio {prune_result.achieved_ratio:.4f} is more than 1% below the target "
+                     f"{prune_result.target_ratio:g}: no plan with the channels left after the schedule's earlier prunes "
+                     "landed closer")
     if finetune_result is not None and finetune_result.stopped_early:
         notes.append(f"fine-tuning stopped early: {finetune_result.stopped_early}")
     final_prune = scheduled.events[-1]

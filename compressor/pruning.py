@@ -227,21 +227,29 @@ def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_f
     return flops.measure(pruned, graph.example_input).macs / flops.measure(graph.model, graph.example_input).macs
 
 
-def _one_group_fill(base, scores, groups, probe, *, lower, target, max_fraction, original_units):
-    """With rounding, a target between two rounded plans is met by giving one group a width off the
-    multiple: bisect, group by group, over its next-ranked single units."""
+def _fill(base, scores, groups, probe, *, lower, target, max_fraction, original_units):
+    """Meet a target that falls between two steps of the ranking with single units, off the rounding
+    multiple: bisect over one group's next-ranked units; where one group cannot remove enough on its
+    own (groups near their cap, after earlier prunes), take it to its cap and go on with the next.
+    Returns (plan chunks, model, ratio, groups given an off-multiple width) or None."""
     removed: dict[int, set[int]] = {}
     for g, units in base:
         removed.setdefault(g, set()).update(units)
+    touched: list[int] = []
     for spec in sorted(groups, key=lambda s: -s.units):
         s = scores[spec.index]
         taken = removed.get(spec.index, set())
         room = spec.units - min_units(spec, max_fraction=max_fraction, round_to=1,
                                       original_units=original_units.get(spec.root)) - len(taken)
-        free = [int(u) for u in torch.argsort(s, stable=True) if int(u) not in taken][: max(room, 0)]
-        lo, hi = 0, len(free)
-        if not free or probe(base + [(spec.index, tuple(free))])[1] > target:
+        free = [int(u) for u in torch.argsort(s, stable=True) if int(u) not in taken and math.isfinite(float(s[u]))]
+        free = free[: max(room, 0)]
+        if not free:
             continue
+        model, r = probe(base + [(spec.index, tuple(free))])
+        if r > target:
+            base, touched = base + [(spec.index, tuple(free))], touched + [spec.index]
+            continue
+        lo, hi = 0, len(free)
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if probe(base + [(spec.index, tuple(free[:mid]))])[1] <= target:
@@ -251,7 +259,7 @@ def _one_group_fill(base, scores, groups, probe, *, lower, target, max_fraction,
         step = base + [(spec.index, tuple(free[:hi]))]
         model, r = probe(step)
         if lower <= r <= target:
-            return step, model, r
+            return step, model, r, touched + [spec.index]
     return None
 
 
@@ -278,6 +286,8 @@ def search(
     off_multiple: list[str] = []
     cache: dict[tuple, tuple[nn.Module, flops.Cost]] = {}
 
+    closest: list = [None, -1.0]  # the plan closest below the target seen so far, and its ratio
+
     def probe(chunks: list[Chunk]) -> tuple[nn.Module, float]:
         nonlocal probes
         key = tuple(sorted(chunks))
@@ -288,6 +298,8 @@ def search(
             cache[key] = (model, flops.measure(model, graph.example_input))
         model, cost = cache[key]
         ratio = cost.macs / original.macs
+        if ratio <= target_ratio and ratio > closest[1]:
+            closest[:] = [list(chunks), ratio]
         if on_probe:
             on_probe(probes, ratio)
         return model, ratio
@@ -338,13 +350,16 @@ def search(
             else:
                 skipped.add(extra[0])
         else:
-            found = _one_group_fill(base, scores, graph.groups, probe, lower=lower, target=target_ratio,
-                                    max_fraction=max_prune_fraction, original_units=original_units or {}) \
-                if round_to > 1 else None
+            found = _fill(base, scores, graph.groups, probe, lower=lower, target=target_ratio,
+                          max_fraction=max_prune_fraction, original_units=original_units or {})
             if found is not None:
-                chosen, model, ratio = found
-                off_multiple = [graph.groups[found[0][-1][0]].root]
+                chosen, model, ratio, touched = found
+                if round_to > 1:
+                    off_multiple = [graph.groups[g].root for g in touched]
             else:
+                # No plan lands in the window (single units of the groups left are too coarse, as after
+                # earlier prunes): the closest one below the target that any probe found.
+                chosen = closest[0] if closest[0] is not None else chosen
                 model, ratio = probe(chosen)
 
     plan = _plan(chosen)
