@@ -75,6 +75,8 @@ def compress(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda: fine-tuning device and onnxruntime provider (AMP on CUDA).")] = "auto",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output directory [default: runs/<model stem>].")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
+    trace_timeout: Annotated[float, typer.Option(help="Seconds the tracing of the model may take before the run "
+                                                 "stops with an error (0: no limit).")] = 600.0,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per model at batch 1 (a third of that at batch 64).")] = 30,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
 ) -> None:
@@ -95,7 +97,7 @@ def compress(
             lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
-            overwrite=overwrite, latency_runs=latency_runs)
+            overwrite=overwrite, trace_timeout=trace_timeout, latency_runs=latency_runs)
         result = run(config, progress=RichProgress())
         speed = alerts(result)
         if json_output:

@@ -85,6 +85,8 @@ class CompressConfig:
     """Where the outputs go (default ``runs/<model stem>``)."""
     overwrite: bool = False
     """Replace an existing output directory."""
+    trace_timeout: float = 600.0
+    """Seconds torch-pruning's tracing of the model may take before the run stops with an error (0: no limit)."""
     latency_runs: int = 30
     """Timed runs per model at batch 1 (a third of that, at least 5, at batch 64)."""
 
@@ -124,6 +126,8 @@ class CompressConfig:
             raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if (self.mean is None) != (self.std is None):
             raise ConfigError("--mean and --std must be given together")
+        if not (math.isfinite(self.trace_timeout) and self.trace_timeout >= 0):
+            raise ConfigError(f"--trace-timeout must be 0 (no limit) or a number of seconds, got {self.trace_timeout}")
         if self.latency_runs < 1:
             raise ConfigError(f"--latency-runs must be at least 1, got {self.latency_runs}")
         if self.schedule_span is not None and not 0 < self.schedule_span <= 1:

@@ -7,7 +7,10 @@ blocks whose head bookkeeping has to follow the pruned widths.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -288,8 +291,46 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module], failed: dict[n
             yield group
 
 
-def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...] = ()) -> CouplingGraph:
-    """Build the coupling graph of ``model`` and list its prunable groups."""
+class _OutOfTime(BaseException):
+    """Raised by the alarm; a BaseException so that no ``except Exception`` inside torch-pruning swallows it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str):
+    """Stop the block with a :class:`GraphError` after ``seconds`` (None or 0: no limit).
+
+    Uses a real-time interval timer, so it works where the block runs in the main thread of a POSIX
+    process (the command line); elsewhere the block runs unbounded.
+    """
+    usable = (seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def alarm(_signum, _frame):
+        raise _OutOfTime
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    except _OutOfTime:
+        raise GraphError(f"{what} took longer than {seconds:g} s and was stopped",
+                         hint="raise --trace-timeout (0 disables it), or protect the layers that make the graph "
+                              "large (torch-pruning's tracing grows with every coupled reshape and concatenation)") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...] = (),
+          timeout: float | None = None) -> CouplingGraph:
+    """Build the coupling graph of ``model`` and list its prunable groups, within ``timeout`` seconds."""
+    with time_limit(timeout, "tracing the model into torch-pruning's dependency graph"):
+        return _trace(model, example_input, protect=protect)
+
+
+def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...]) -> CouplingGraph:
     model.eval()
     protected: dict[str, str] = {}
     classifier = find_classifier(model, example_input)

@@ -111,7 +111,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         schedule = schedules.get_schedule(config.schedule, config)
 
     with clock.stage("trace"):
-        coupling = graph.trace(original, data.val_x[:1])
+        coupling = graph.trace(original, data.val_x[:1], timeout=config.trace_timeout or None)
         check_prunable(coupling)
 
     with clock.stage("prune"):

@@ -64,3 +64,19 @@ class ErfinvNet(nn.Module):
 
 def erfinv_net(num_classes: int = 4, in_channels: int = 1) -> ErfinvNet:
     return ErfinvNet(num_classes=num_classes, in_channels=in_channels)
+
+
+class FlatNet(nn.Module):
+    """A CNN whose classifier reads a flattened 16x16 map: it fits 16x16 images and nothing else."""
+
+    def __init__(self, num_classes: int = 4, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 16 * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def flat_net(num_classes: int = 4, in_channels: int = 1) -> FlatNet:
+    return FlatNet(num_classes=num_classes, in_channels=in_channels)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from _tiny import make_images, save_npz
-from helpers_arch import erfinv_net
+from helpers_arch import erfinv_net, flat_net
 from test_cli import _args, _assert_refused, _invoke
 
 
@@ -56,3 +56,28 @@ def test_a_nan_loss_stops_fine_tuning_keeps_the_last_good_state_and_says_so(tmp_
     accuracy = report["accuracy"]
     before = accuracy["pruned_bn_recalibrated"] if accuracy["pruned_bn_recalibrated"] is not None else accuracy["pruned_before_finetune"]
     assert accuracy["compressed"] == pytest.approx(before, abs=1e-6)  # the state fine-tuning started from
+
+
+def test_images_of_a_size_the_model_does_not_take(tmp_path, out):
+    model = tmp_path / "flat.pt"
+    torch.save(flat_net().state_dict(), model)
+    images, labels = make_images(size=20)
+    data = save_npz(tmp_path / "big.npz", images, labels)
+    result = _invoke(_args(model, data, out, arch="helpers_arch:flat_net"))
+    _assert_refused(result, "the model fails on the data's images of shape (1, 20, 20)", out)
+
+
+def test_tracing_that_runs_past_its_budget_is_stopped(tmp_path, model_path, data_path, out, monkeypatch):
+    import time
+
+    import torch_pruning as tp
+
+    def slow(self, *args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", slow)
+    start = time.perf_counter()
+    result = _invoke(_args(model_path, data_path, out, "--trace-timeout", "0.5"))
+    assert time.perf_counter() - start < 20
+    _assert_refused(result, "took longer than 0.5 s and was stopped", out)
+    assert "--trace-timeout" in result.stderr
