@@ -101,6 +101,7 @@ class _Watchdog(threading.Thread):
         self.armed = can_interrupt
         self.tripped: tuple[str, float] | None = None  # ("time", seconds) or ("memory", bytes)
         self.raised = False
+        self.previous = None
 
     def run(self) -> None:
         next_beat = HEARTBEAT_AFTER
@@ -114,7 +115,10 @@ class _Watchdog(threading.Thread):
             if self.tripped:
                 return
             if self.progress is not None and elapsed >= next_beat:
-                self.progress.heartbeat(self.label, seconds=elapsed, rss=rss)
+                try:
+                    self.progress.heartbeat(self.label, seconds=elapsed, rss=rss)
+                except Exception:  # a broken progress sink must not take the budgets down with this thread
+                    self.progress = None
                 while next_beat <= elapsed:
                     next_beat += HEARTBEAT_EVERY
             wait = POLL if not self.seconds else max(min(POLL, self.seconds - elapsed), 0.001)
@@ -129,10 +133,12 @@ class _Watchdog(threading.Thread):
             self.tripped = why
             signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
 
-    def handler(self, _signum, _frame) -> None:
+    def handler(self, signum, frame) -> None:
         if self.tripped and not self.raised:
             self.raised = True
             raise _Stop
+        if callable(self.previous):  # an alarm of someone else's (an outer timer): theirs to handle
+            self.previous(signum, frame)
 
     def stop(self) -> None:
         with self.lock:
@@ -158,8 +164,8 @@ def guard(what: str, *, seconds: float | None = None, memory: int | None = None,
         return
 
     dog = _Watchdog(seconds=seconds, memory=memory, progress=progress, label=label, can_interrupt=can_interrupt)
-    previous = signal.signal(signal.SIGALRM, dog.handler) if can_interrupt else None
-    previous = signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
+    if can_interrupt:
+        dog.previous = signal.signal(signal.SIGALRM, dog.handler)
     try:
         try:
             dog.start()  # the first look happens at once: the signal may arrive before start() returns
@@ -179,8 +185,8 @@ def guard(what: str, *, seconds: float | None = None, memory: int | None = None,
         raise BudgetError(f"{what} reached {_size(reached)} of resident memory, past its budget of {_size(memory)}, "
                           "and was stopped", hint=memory_hint) from None
     finally:
-        if can_interrupt:
-            signal.signal(signal.SIGALRM, previous)
+        if can_interrupt:  # None: a handler not set from Python
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if dog.previous is None else dog.previous)
 
 
 def _size(n: float) -> str:

@@ -19,6 +19,9 @@ from compressor.progress import Progress
 
 from _tiny import tiny_resnet20
 
+needs_signals = pytest.mark.skipif(not (hasattr(signal, "pthread_kill") and hasattr(signal, "setitimer")),
+                                   reason="the budgets need POSIX signals; without them the block is not stopped")
+
 
 class Beats(Progress):
     def __init__(self) -> None:
@@ -61,21 +64,38 @@ def test_a_short_trace_says_nothing():
     assert beats.beats == []
 
 
+@needs_signals
 @pytest.mark.skipif(watchdog.resident_bytes() is None, reason="no /proc/self/statm to read the resident memory from")
 def test_memory_past_the_budget_stops_the_block_with_what_it_reached():
+    before = signal.getsignal(signal.SIGALRM)
     start = time.perf_counter()
     with pytest.raises(BudgetError, match=r"^counting reached [\d.]+ [MG]B of resident memory, past its budget of 1 MB"):
         with watchdog.guard("counting", memory=1 << 20, memory_hint="use less"):
             time.sleep(30)
     assert time.perf_counter() - start < 10
-    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL  # the handler before the block is back
+    assert signal.getsignal(signal.SIGALRM) is before  # the handler before the block is back
 
 
+@needs_signals
 def test_the_time_budget_stops_a_busy_block():
     with pytest.raises(BudgetError, match="took longer than 0.3 s"):
         with watchdog.guard("counting", seconds=0.3):
             while True:
                 sum(range(100))
+
+
+@needs_signals
+def test_an_outer_alarm_still_reaches_its_own_handler():
+    rang = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: rang.append(True))
+    try:
+        with watchdog.guard("counting", seconds=30):
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            time.sleep(0.5)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert rang == [True]
 
 
 def test_off_the_main_thread_the_budgets_stand_aside_and_the_heartbeat_still_runs(monkeypatch):
