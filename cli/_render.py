@@ -77,6 +77,10 @@ class RichProgress:
             self.bar.stop()
             self.bar = None
 
+    def heartbeat(self, what: str, *, seconds: float, rss: int | None) -> None:
+        memory = f", RSS {rss / 2**30:.1f} GB" if rss is not None else ""
+        self.console.print(f"  {what}… {seconds:.0f} s{memory}", highlight=False)
+
     def note(self, message: str) -> None:
         self.done()
         self.console.print(f"  {message}", highlight=False)

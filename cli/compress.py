@@ -77,6 +77,10 @@ def compress(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
     trace_timeout: Annotated[float, typer.Option(help="Seconds the tracing of the model may take before the run "
                                                  "stops with an error (0: no limit).")] = 600.0,
+    trace_memory: Annotated[Optional[float], typer.Option(help="GB of resident memory the process may reach while "
+                                                          "tracing before the run stops with an error (0: no limit) "
+                                                          "[default: what it holds then plus 90% of the memory "
+                                                          "available].")] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per model at batch 1 (a third of that at batch 64).")] = 30,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
 ) -> None:
@@ -97,7 +101,7 @@ def compress(
             lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
-            overwrite=overwrite, trace_timeout=trace_timeout, latency_runs=latency_runs)
+            overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs)
         result = run(config, progress=RichProgress())
         speed = alerts(result)
         if json_output:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._render import out, quiet_library_warnings, run_guarded
+from ._render import RichProgress, out, quiet_library_warnings, run_guarded
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Tools around `compress`: list criteria, schedules and models, inspect a model.")
@@ -69,16 +69,21 @@ def inspect_command(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Load a whole pickled module.")] = False,
     input_shape: Annotated[str, typer.Option(help="One input's shape C,H,W.")] = "3,32,32",
     max_prune_per_group: Annotated[float, typer.Option(help="Per-group cap, as for `compress`.")] = 0.75,
+    trace_timeout: Annotated[float, typer.Option(help="As for `compress` (0: no limit).")] = 600.0,
+    trace_memory: Annotated[Optional[float], typer.Option(help="As for `compress` (0: no limit).")] = None,
 ) -> None:
-    """Show what the pruner sees: FLOPs, coupled groups, protected layers, and the smallest reachable FLOPs ratio."""
+    """Show what the pruner sees: FLOPs, coupled groups, protected layers, the groups left unpruned because
+    pruning them breaks the model, and the smallest reachable FLOPs ratio."""
     quiet_library_warnings()
 
     def job():
         import torch
 
+        from compressor.config import check_trace_budgets
         from compressor.errors import ConfigError
         from compressor.loading import load_model
         from compressor.preflight import inspect_model
+        from compressor.watchdog import memory_budget
 
         try:
             shape = tuple(int(v) for v in input_shape.split(","))
@@ -86,8 +91,11 @@ def inspect_command(
             raise ConfigError(f"--input-shape takes C,H,W, got {input_shape!r}") from None
         if len(shape) != 3 or min(shape) < 1:
             raise ConfigError(f"--input-shape takes three positive integers C,H,W, got {input_shape!r}")
+        check_trace_budgets(trace_timeout, trace_memory)
         loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, image_size=shape[-1])
-        report = inspect_model(loaded.model, torch.zeros(1, *shape), max_prune_fraction=max_prune_per_group)
+        report = inspect_model(loaded.model, torch.zeros(1, *shape), max_prune_fraction=max_prune_per_group,
+                               timeout=trace_timeout or None, memory=memory_budget(trace_memory),
+                               progress=RichProgress())
         out.print(f"{model.name}: {report.macs / 1e6:.2f}M MACs, {report.params / 1e6:.3f}M parameters, "
                   f"{len(report.groups)} prunable groups", highlight=False)
         table = Table("group (root layer)", "channels", "units", "layers")
@@ -102,6 +110,8 @@ def inspect_command(
             out.print(f"frozen parameters (pruned, not fine-tuned): {len(report.frozen)}", highlight=False)
         if report.unwrapped:
             out.print(f"unwrapped parameters: {', '.join(report.unwrapped)}", highlight=False)
+        for name, why in report.unsafe.items():
+            out.print(f"left unpruned: {name}: pruning it breaks the model ({why})", highlight=False)
         if report.min_reachable_ratio is not None:
             out.print(f"smallest reachable FLOPs ratio at --max-prune-per-group {max_prune_per_group:g}: "
                       f"{report.min_reachable_ratio:.3f}", highlight=False)

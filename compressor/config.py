@@ -9,6 +9,14 @@ from pathlib import Path
 from .errors import ConfigError
 
 
+def check_trace_budgets(trace_timeout: float, trace_memory: float | None) -> None:
+    """Check ``--trace-timeout`` and ``--trace-memory`` (``compress`` and ``inspect`` both take them)."""
+    if not (math.isfinite(trace_timeout) and trace_timeout >= 0):
+        raise ConfigError(f"--trace-timeout must be 0 (no limit) or a number of seconds, got {trace_timeout}")
+    if trace_memory is not None and not (math.isfinite(trace_memory) and trace_memory >= 0):
+        raise ConfigError(f"--trace-memory must be 0 (no limit) or a number of GB, got {trace_memory}")
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     model_path: Path
@@ -87,6 +95,9 @@ class CompressConfig:
     """Replace an existing output directory."""
     trace_timeout: float = 600.0
     """Seconds torch-pruning's tracing of the model may take before the run stops with an error (0: no limit)."""
+    trace_memory: float | None = None
+    """GB (2**30 bytes) of resident memory the process may reach while tracing before the run stops with
+    an error (0: no limit; default: what it holds when tracing starts plus 90% of the memory available)."""
     latency_runs: int = 30
     """Timed runs per model at batch 1 (a third of that, at least 5, at batch 64)."""
 
@@ -126,8 +137,7 @@ class CompressConfig:
             raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if (self.mean is None) != (self.std is None):
             raise ConfigError("--mean and --std must be given together")
-        if not (math.isfinite(self.trace_timeout) and self.trace_timeout >= 0):
-            raise ConfigError(f"--trace-timeout must be 0 (no limit) or a number of seconds, got {self.trace_timeout}")
+        check_trace_budgets(self.trace_timeout, self.trace_memory)
         if self.latency_runs < 1:
             raise ConfigError(f"--latency-runs must be at least 1, got {self.latency_runs}")
         if self.schedule_span is not None and not 0 < self.schedule_span <= 1:

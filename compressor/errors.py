@@ -37,6 +37,10 @@ class GraphError(CompressorError):
     """The model cannot be traced into a coupling graph, or nothing in it can be pruned."""
 
 
+class BudgetError(CompressorError):
+    """Work ran past its time or memory budget (``--trace-timeout``, ``--trace-memory``) and was stopped."""
+
+
 class TargetUnreachableError(CompressorError):
     """The FLOPs target lies below the smallest ratio that structured pruning can reach."""
 

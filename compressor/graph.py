@@ -7,10 +7,7 @@ blocks whose head bookkeeping has to follow the pruned widths.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
-import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,7 +16,9 @@ import torch_pruning as tp
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch import nn
 
+from . import watchdog
 from .errors import GraphError
+from .progress import Progress
 
 ROOT_TYPES = (nn.Conv2d, nn.Conv1d, nn.Linear)
 
@@ -291,42 +290,20 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module], failed: dict[n
             yield group
 
 
-class _OutOfTime(BaseException):
-    """Raised by the alarm; a BaseException so that no ``except Exception`` inside torch-pruning swallows it."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float | None, what: str):
-    """Stop the block with a :class:`GraphError` after ``seconds`` (None or 0: no limit).
-
-    Uses a real-time interval timer, so it works where the block runs in the main thread of a POSIX
-    process (the command line); elsewhere the block runs unbounded.
-    """
-    usable = (seconds and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread())
-    if not usable:
-        yield
-        return
-
-    def alarm(_signum, _frame):
-        raise _OutOfTime
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    except _OutOfTime:
-        raise GraphError(f"{what} took longer than {seconds:g} s and was stopped",
-                         hint="raise --trace-timeout (0 disables it), or protect the layers that make the graph "
-                              "large (torch-pruning's tracing grows with every coupled reshape and concatenation)") from None
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+TRACING = "tracing the model into torch-pruning's dependency graph"
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...] = (),
-          timeout: float | None = None) -> CouplingGraph:
-    """Build the coupling graph of ``model`` and list its prunable groups, within ``timeout`` seconds."""
-    with time_limit(timeout, "tracing the model into torch-pruning's dependency graph"):
+          timeout: float | None = None, memory: int | None = None, progress: Progress | None = None) -> CouplingGraph:
+    """Build the coupling graph of ``model`` and list its prunable groups, within ``timeout`` seconds and
+    ``memory`` bytes of resident memory (None: no limit; see :mod:`compressor.watchdog`), telling
+    ``progress`` it is alive while a long trace runs."""
+    with watchdog.guard(TRACING, seconds=timeout, memory=memory, progress=progress, label="tracing",
+                        time_hint="raise --trace-timeout (0 disables it), or protect the layers that make the graph "
+                                  "large (torch-pruning's tracing grows with every coupled reshape and concatenation)",
+                        memory_hint="trace at a smaller input size (smaller images, or a smaller --input-shape for "
+                                    "`compressor inspect`), give the process more memory, or raise --trace-memory "
+                                    "(0 disables it)"):
         return _trace(model, example_input, protect=protect)
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import (__version__, checkpoint, criteria, finetune as ft, graph, latency, outputs, profile, pruning, report,
-               schedules, validate)
+               schedules, validate, watchdog)
 from .calibration import activation_stats, calibrate, prepare_criterion  # noqa: F401  (public here too)
 from .config import CompressConfig
 from .data import LoadedData, load_data
@@ -111,7 +111,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         schedule = schedules.get_schedule(config.schedule, config)
 
     with clock.stage("trace"):
-        coupling = graph.trace(original, data.val_x[:1], timeout=config.trace_timeout or None)
+        coupling = graph.trace(original, data.val_x[:1], timeout=config.trace_timeout or None,
+                               memory=watchdog.memory_budget(config.trace_memory), progress=progress)
         check_prunable(coupling)
 
     with clock.stage("prune"):

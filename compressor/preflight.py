@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from . import flops, pruning
 from .errors import GraphError, TargetUnreachableError
 from .graph import CouplingGraph, trace
+from .progress import Progress
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,9 @@ class Inspection:
     unwrapped: list[str] = field(default_factory=list)
     """Parameters held directly by a module torch-pruning has no pruner for (class tokens, position embeddings)."""
     min_reachable_ratio: float | None = None
+    """Reached without the unsafe groups."""
+    unsafe: dict[str, str] = field(default_factory=dict)
+    """Group root -> why: groups whose pruning breaks the forward, which the search leaves unpruned."""
 
 
 def check_prunable(graph: CouplingGraph) -> None:
@@ -50,14 +55,21 @@ def check_prunable(graph: CouplingGraph) -> None:
                          hint="structured pruning needs convolution or linear layers whose width is not fixed by the output")
 
 
-def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float = 0.75) -> Inspection:
-    """Trace ``model`` and report its groups and the smallest FLOPs ratio the search can reach."""
-    graph = trace(model, example_input)
+def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float = 0.75,
+                  timeout: float | None = None, memory: int | None = None,
+                  progress: Progress | None = None) -> Inspection:
+    """Trace ``model`` (within the budgets of :func:`~compressor.graph.trace`) and report its groups, those
+    the search would leave unpruned because pruning them breaks the model, and the smallest FLOPs ratio
+    the search can reach."""
+    graph = trace(model, example_input, timeout=timeout, memory=memory, progress=progress)
     check_prunable(graph)
     cost = flops.measure(model, example_input)
     names = {p: n for n, p in model.named_parameters()}
     unwrapped = sorted(names[p] for p, _ in graph.dg.unwrapped_parameters if p in names)
-    scores = [torch.ones(spec.units) for spec in graph.groups]  # the floor depends on the caps, not the scores
+    unsafe = pruning.unsafe_groups(graph, max_prune_fraction=max_prune_fraction)
+    # The floor depends on the caps, not the scores; an unsafe group gets none, so it is not pruned.
+    scores = [torch.full((spec.units,), math.nan) if spec.index in unsafe else torch.ones(spec.units)
+              for spec in graph.groups]
     try:
         floor = pruning.floor_ratio(graph, scores, max_prune_fraction=max_prune_fraction)
     except TargetUnreachableError:
@@ -68,4 +80,5 @@ def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fr
         protected=dict(graph.protected), attention=list(graph.attention),
         frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
         unwrapped=unwrapped, min_reachable_ratio=floor,
+        unsafe={graph.groups[g].root: why for g, why in unsafe.items()},
     )

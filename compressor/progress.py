@@ -21,5 +21,9 @@ class Progress:
     def done(self) -> None:
         """The current task has ended."""
 
+    def heartbeat(self, what: str, *, seconds: float, rss: int | None) -> None:
+        """Work without countable steps (tracing) is still going, ``seconds`` after it began; ``rss``
+        is the process's resident memory in bytes (None where unknown). Called from a watchdog thread."""
+
     def note(self, message: str) -> None:
         """Something the user should read (a warning, a decision taken)."""

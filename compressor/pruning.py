@@ -217,6 +217,19 @@ def screen_groups(graph: CouplingGraph, order: list[Chunk]) -> dict[int, str]:
     return unsafe
 
 
+def unsafe_groups(graph: CouplingGraph, *, max_prune_fraction: float, round_to: int = 1) -> dict[int, str]:
+    """The groups the search would find breaking the model and leave unpruned, group index -> why.
+
+    The search's own test: every group pruned to its cap, and only if that fails, ``screen_groups``.
+    One probe for a model that is fine.
+    """
+    order = _chunks(graph.groups, [torch.ones(s.units) for s in graph.groups], max_fraction=max_prune_fraction,
+                    round_to=round_to)
+    if not order or _breaks(graph, order) is None:
+        return {}
+    return screen_groups(graph, order)
+
+
 def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_fraction: float,
                 round_to: int = 1) -> float:
     """The smallest MACs ratio the search can reach: every group pruned to its cap."""

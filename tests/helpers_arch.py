@@ -80,3 +80,17 @@ class FlatNet(nn.Module):
 
 def flat_net(num_classes: int = 4, in_channels: int = 1) -> FlatNet:
     return FlatNet(num_classes=num_classes, in_channels=in_channels)
+
+
+class HardCodedWidth(nn.Module):
+    """A forward with a width written into a reshape: pruning ``conv1`` breaks it, torch-pruning cannot tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 256, 3, padding=1)  # wide, so that it alone can meet the target within 1%
+        self.conv1 = nn.Conv2d(256, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(torch.relu(self.conv0(x))))
+        return self.fc(x.reshape(x.shape[0], 16, -1).mean(2))

@@ -81,3 +81,37 @@ def test_tracing_that_runs_past_its_budget_is_stopped(tmp_path, model_path, data
     assert time.perf_counter() - start < 20
     _assert_refused(result, "took longer than 0.5 s and was stopped", out)
     assert "--trace-timeout" in result.stderr
+
+
+def test_tracing_past_its_memory_budget_is_stopped(model_path, data_path, out, monkeypatch):
+    import time
+
+    import torch_pruning as tp
+
+    from compressor import watchdog
+
+    if watchdog.resident_bytes() is None:
+        pytest.skip("no /proc/self/statm to read the resident memory from")
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", lambda self, *a, **k: time.sleep(30))
+    start = time.perf_counter()
+    result = _invoke(_args(model_path, data_path, out, "--trace-memory", "0.001"))  # 1 MB: less than any process holds
+    assert time.perf_counter() - start < 20
+    _assert_refused(result, "of resident memory, past its budget of 1 MB, and was stopped", out)
+    assert "--trace-memory" in result.stderr and "smaller images" in result.stderr
+
+
+def test_a_long_trace_shows_a_heartbeat(model_path, data_path, out, monkeypatch):
+    import time
+
+    import torch_pruning as tp
+
+    from compressor import watchdog
+
+    monkeypatch.setattr(watchdog, "HEARTBEAT_AFTER", 0.2)
+    monkeypatch.setattr(watchdog, "HEARTBEAT_EVERY", 0.3)
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", lambda self, *a, **k: time.sleep(30))
+    result = _invoke(_args(model_path, data_path, out, "--trace-timeout", "1"))
+    _assert_refused(result, "took longer than 1 s", out)
+    beats = [line for line in result.stderr.splitlines() if line.strip().startswith("tracing… ")]
+    assert len(beats) >= 2, result.stderr
+    assert watchdog.resident_bytes() is None or all("GB" in line for line in beats)

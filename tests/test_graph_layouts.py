@@ -8,6 +8,8 @@ from torch import nn
 
 from compressor import criteria, graph, pruning
 
+from helpers_arch import HardCodedWidth
+
 
 class TinyMHA(nn.Module):
     """A ViT in miniature, torchvision's layout: conv patches, a class token, nn.MultiheadAttention."""
@@ -68,20 +70,6 @@ def test_grouped_convolutions_lose_the_same_channels_in_every_group():
     assert pruned[2].groups == 4 and pruned[2].in_channels % 4 == 0
     with torch.no_grad():
         assert pruned(torch.randn(2, 1, 12, 12)).shape == (2, 3)
-
-
-class HardCodedWidth(nn.Module):
-    """A forward with a width written into a reshape: pruning ``conv1`` breaks it, torch-pruning cannot tell."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(1, 256, 3, padding=1)  # wide, so that it alone can meet the target within 1%
-        self.conv1 = nn.Conv2d(256, 16, 3, padding=1)
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv1(torch.relu(self.conv0(x))))
-        return self.fc(x.reshape(x.shape[0], 16, -1).mean(2))
 
 
 def test_a_group_that_breaks_the_forward_is_left_unpruned_and_reported():

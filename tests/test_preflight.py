@@ -69,3 +69,33 @@ def test_compress_refuses_a_frozen_model_and_writes_nothing(tmp_path, make_confi
         compress(config)
     assert not config.output_dir.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
+
+
+def test_inspection_names_the_groups_the_safety_net_leaves_unpruned():
+    from helpers_arch import HardCodedWidth
+
+    torch.manual_seed(0)
+    report = inspect_model(HardCodedWidth().eval(), torch.randn(1, 1, 8, 8))
+
+    assert list(report.unsafe) == ["conv1"] and report.unsafe["conv1"].startswith("RuntimeError")
+    assert {g.root for g in report.groups} == {"conv0", "conv1"}  # still a group, just not pruned
+    assert report.min_reachable_ratio is not None and report.min_reachable_ratio < 0.5  # conv0 alone
+
+
+def test_inspect_command_lists_the_unsafe_groups(tmp_path):
+    from helpers_arch import HardCodedWidth
+
+    path = tmp_path / "hard.pt"
+    torch.save(HardCodedWidth().state_dict(), path)
+    result = CliRunner().invoke(toolbox, ["inspect", str(path), "--arch", "helpers_arch:HardCodedWidth",
+                                          "--input-shape", "1,8,8"])
+
+    assert result.exit_code == 0, result.output
+    assert "left unpruned: conv1: pruning it breaks the model (RuntimeError" in result.stdout
+    assert "smallest reachable FLOPs ratio" in result.stdout
+
+
+def test_a_model_with_no_unsafe_group_lists_none():
+    report = inspect_model(create_model("resnet20", num_classes=10, in_channels=1, image_size=16).eval(),
+                           torch.randn(1, 1, 16, 16))
+    assert report.unsafe == {}

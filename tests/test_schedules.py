@@ -309,7 +309,8 @@ def test_the_cli_takes_a_schedule_and_rejects_an_unknown_one(model_path, data_pa
 @pytest.mark.parametrize(("field", "value", "match"), [
     ("schedule_span", 0.0, "--schedule-span"), ("prune_steps", 0, "--prune-steps"), ("check_every", 0, "--check-every"),
     ("stability_threshold", 1.5, "--stability-threshold"), ("ocs_decay", -1.0, "--ocs-decay"), ("cycles", 0, "--cycles"),
-    ("trace_timeout", -1.0, "--trace-timeout"),
+    ("trace_timeout", -1.0, "--trace-timeout"), ("trace_memory", -1.0, "--trace-memory"),
+    ("trace_memory", float("nan"), "--trace-memory"),
 ])
 def test_schedule_options_are_validated(make_config, field, value, match):
     with pytest.raises(ConfigError, match=match):
