@@ -3,11 +3,14 @@
 Plain recipe: ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)``, global pruning, the
 classifier ignored, its ``pruning_ratio`` bisected until the measured MACs land in [0.99, 1] x target;
 then the same epochs on the same images with SGD (momentum 0.9, weight decay 5e-4, lr 0.01) and a
-cosine schedule, no distillation. Ours: `compress` with default settings. Both start from the trained
-demo ResNet-20 and fine-tune on the same 4,000 images (`compress`'s training split of the 5,000-image
-fine-tuning set); test accuracy is on the 10,000-image test split, used for nothing else.
+cosine schedule, no distillation. Ours: `compress` with default settings. Both start from the same
+trained model (the demo ResNet-20, or the MobileNetV2 of ``bench/train_baseline.py``, both trained
+on the first 20,000 training images) and fine-tune on the same images (`compress`'s training split,
+80%, of the next ``--train-size`` training images; the seed also picks that split); test accuracy
+is on the 10,000-image test split, used for nothing else.
 
-    python bench/recipe.py --targets 0.5 0.3 --seeds 0 1 2 --out bench/results/recipe.json
+    python bench/recipe.py --model resnet20 --targets 0.5 0.3 --seeds 0 1 2
+    python bench/recipe.py --model mobilenetv2 --targets 0.5 0.3 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -28,10 +31,17 @@ sys.path.insert(0, str(ROOT))
 from bench.fmnist import MEAN, STD, load_split  # noqa: E402
 from bench.schedules import BASELINE_TRAIN_IMAGES, MODEL, test_accuracy  # noqa: E402
 
+BASELINES = {"resnet20": MODEL, "mobilenetv2": ROOT / "bench" / "baselines" / "mobilenetv2_fmnist.pt"}
+"""The trained models the comparison starts from (``bench/train_baseline.py``)."""
+
 
 def plain_prune(model, example, target: float):
     """Bisect MetaPruner's global pruning ratio until the MACs land in [0.99, 1] x target."""
     import torch_pruning as tp
+
+    from compressor.graph import find_classifier
+
+    classifier = find_classifier(model, example)
 
     base, _ = tp.utils.count_ops_and_params(model, example)
     lo, hi, best = 0.0, 0.95, None
@@ -39,7 +49,7 @@ def plain_prune(model, example, target: float):
         ratio = (lo + hi) / 2
         candidate = copy.deepcopy(model)
         pruner = tp.pruner.MetaPruner(candidate, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, global_pruning=True, ignored_layers=[candidate.fc])
+                                      pruning_ratio=ratio, global_pruning=True, ignored_layers=[candidate.get_submodule(classifier)])
         pruner.step()
         macs, _ = tp.utils.count_ops_and_params(candidate, example)
         r = macs / base
@@ -78,12 +88,17 @@ def plain_finetune(model, x, y, *, epochs: int, seed: int, batch_size: int = 32,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(BASELINES), default="resnet20")
     p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--train-size", type=int, default=5000)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipe.json")
     args = p.parse_args()
+    baseline = BASELINES[args.model]
+    if not baseline.exists():
+        raise SystemExit(f"{baseline} not found; train it first: python bench/train_baseline.py --model {args.model} "
+                         f"--train-size 20000 --epochs 4 --out {baseline.relative_to(ROOT)}")
 
     import torch
 
@@ -96,9 +111,11 @@ def main() -> None:
     train_x, train_y, test_x, test_y = load_split()
     sl = slice(BASELINE_TRAIN_IMAGES, BASELINE_TRAIN_IMAGES + args.train_size)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {(r["method"], r["target"], r["seed"]) for r in rows}
+    budget = {"model": args.model, "train_size": args.train_size, "epochs": args.epochs}
+    done = {(r["method"], r["target"], r["seed"]) for r in rows if all(r.get(k) == v for k, v in budget.items())}
 
     def record(row):
+        row = budget | row
         rows.append(row)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
@@ -113,7 +130,7 @@ def main() -> None:
                 if ("plain", target, seed) not in done:
                     torch.manual_seed(seed)
                     data = load_data(data_path, val_fraction=0.2, seed=seed, mean=(MEAN,), std=(STD,))
-                    model = load_model(MODEL, arch="resnet20", image_size=28).model
+                    model = load_model(baseline, arch=args.model, image_size=28).model
                     start = time.perf_counter()
                     pruned, ratio = plain_prune(model, data.val_x[:1], target)
                     ips = plain_finetune(pruned, data.train_x, data.train_y, epochs=args.epochs, seed=seed)
@@ -123,8 +140,8 @@ def main() -> None:
                             "images_per_second": round(ips, 1), "seconds": round(time.perf_counter() - start, 1)})
                 if ("compress", target, seed) not in done:
                     start = time.perf_counter()
-                    result = compress(CompressConfig(model_path=MODEL, data_path=data_path, arch="resnet20",
-                                                     target_flops=target, seed=seed, mean=(MEAN,), std=(STD,),
+                    result = compress(CompressConfig(model_path=baseline, data_path=data_path, arch=args.model,
+                                                     target_flops=target, seed=seed, epochs=args.epochs, mean=(MEAN,), std=(STD,),
                                                      out_dir=tmp / "run", overwrite=True, latency_runs=5))
                     record({"method": "compress", "target": target, "seed": seed,
                             "flops_ratio": round(result.prune.achieved_ratio, 4),
