@@ -9,7 +9,7 @@ from torch import nn
 
 from . import flops, pruning
 from .errors import GraphError, TargetUnreachableError
-from .graph import CouplingGraph, trace
+from .graph import CouplingGraph, attention_heads, trace
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,8 @@ class GroupInfo:
     channels: int
     units: int
     layers: int
+    heads_of: tuple[str, ...] = ()
+    """Attention modules whose whole heads are this group's units (``attention_pruning="heads"``)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class Inspection:
     unwrapped: list[str] = field(default_factory=list)
     """Parameters held directly by a module torch-pruning has no pruner for (class tokens, position embeddings)."""
     min_reachable_ratio: float | None = None
+    attention_pruning: str = "dims"
+    """The unit of the attention groups: ``"dims"`` (head dimensions) or ``"heads"`` (whole heads)."""
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Attention module -> ``(num_heads, head_dim)``."""
 
 
 def check_prunable(graph: CouplingGraph) -> None:
@@ -50,9 +56,10 @@ def check_prunable(graph: CouplingGraph) -> None:
                          hint="structured pruning needs convolution or linear layers whose width is not fixed by the output")
 
 
-def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float = 0.75) -> Inspection:
+def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float = 0.75,
+                  attention_pruning: str = "dims") -> Inspection:
     """Trace ``model`` and report its groups and the smallest FLOPs ratio the search can reach."""
-    graph = trace(model, example_input)
+    graph = trace(model, example_input, attention_pruning=attention_pruning)
     check_prunable(graph)
     cost = flops.measure(model, example_input)
     names = {p: n for n, p in model.named_parameters()}
@@ -64,8 +71,9 @@ def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fr
         floor = None
     return Inspection(
         macs=cost.macs, params=cost.params,
-        groups=[GroupInfo(s.root, s.size, s.units, len(s.layers)) for s in graph.groups],
+        groups=[GroupInfo(s.root, s.size, s.units, len(s.layers), s.heads_of) for s in graph.groups],
         protected=dict(graph.protected), attention=list(graph.attention),
         frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
         unwrapped=unwrapped, min_reachable_ratio=floor,
+        attention_pruning=attention_pruning, heads=attention_heads(model),
     )
