@@ -64,6 +64,9 @@ def compress(
     distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of the distillation term.")] = 4.0,
     bn_recalibration: Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics right after pruning.")] = True,
     max_prune_per_group: Annotated[float, typer.Option(help="At most this fraction of any group's channels is removed.")] = 0.75,
+    attention: Annotated[str, typer.Option(help="How attention is pruned: dims (the same head dimensions in every "
+                                           "head; head_dim shrinks) or heads (whole heads; num_heads shrinks, "
+                                           "head_dim stays).")] = "dims",
     round_to: Annotated[Optional[int], typer.Option(help="Kept channel counts are multiples of this, for hardware-friendly "
                                                     "widths (1 disables) [default: 16 on the CPU execution provider, "
                                                     "8 on CUDA].")] = None,
@@ -97,7 +100,8 @@ def compress(
             latency_batch=latency_batch, arch=arch, trust_pickle=trust_pickle,
             criterion=criterion, schedule=schedule, schedule_span=schedule_span, prune_steps=prune_steps,
             check_every=check_every, stability_threshold=stability_threshold, ocs_decay=ocs_decay, cycles=cycles,
-            from_scratch=from_scratch, max_prune_per_group=max_prune_per_group, round_to=round_to, epochs=epochs, batch_size=batch_size,
+            from_scratch=from_scratch, max_prune_per_group=max_prune_per_group, round_to=round_to,
+            attention_pruning=attention, epochs=epochs, batch_size=batch_size,
             lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,

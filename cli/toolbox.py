@@ -71,6 +71,7 @@ def inspect_command(
     max_prune_per_group: Annotated[float, typer.Option(help="Per-group cap, as for `compress`.")] = 0.75,
     trace_timeout: Annotated[float, typer.Option(help="As for `compress` (0: no limit).")] = 600.0,
     trace_memory: Annotated[Optional[float], typer.Option(help="As for `compress` (0: no limit).")] = None,
+    attention: Annotated[str, typer.Option(help="dims or heads: how attention is pruned, as for `compress`.")] = "dims",
 ) -> None:
     """Show what the pruner sees: FLOPs, coupled groups, protected layers, the groups left unpruned because
     pruning them breaks the model, and the smallest reachable FLOPs ratio."""
@@ -92,20 +93,25 @@ def inspect_command(
         if len(shape) != 3 or min(shape) < 1:
             raise ConfigError(f"--input-shape takes three positive integers C,H,W, got {input_shape!r}")
         check_trace_budgets(trace_timeout, trace_memory)
+        if attention not in ("dims", "heads"):
+            raise ConfigError(f"--attention must be dims or heads, got {attention!r}")
         loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, image_size=shape[-1])
         report = inspect_model(loaded.model, torch.zeros(1, *shape), max_prune_fraction=max_prune_per_group,
                                timeout=trace_timeout or None, memory=memory_budget(trace_memory),
-                               progress=RichProgress())
+                               progress=RichProgress(), attention_pruning=attention)
         out.print(f"{model.name}: {report.macs / 1e6:.2f}M MACs, {report.params / 1e6:.3f}M parameters, "
                   f"{len(report.groups)} prunable groups", highlight=False)
         table = Table("group (root layer)", "channels", "units", "layers")
         for g in report.groups:
-            table.add_row(g.root, str(g.channels), str(g.units), str(g.layers))
+            table.add_row(g.root, str(g.channels), f"{g.units} heads" if g.heads_of else str(g.units), str(g.layers))
         out.print(table)
         for name, why in report.protected.items():
             out.print(f"protected: {name}: {why}", highlight=False)
+        how = ("whole heads pruned; head_dim stays" if report.attention_pruning == "heads"
+               else "head dimensions pruned alike in every head; num_heads stays")
         for name in report.attention:
-            out.print(f"attention: {name} (heads pruned evenly; head_dim follows)", highlight=False)
+            heads, head_dim = report.heads[name]
+            out.print(f"attention: {name}: {heads} heads of {head_dim} ({how})", highlight=False)
         if report.frozen:
             out.print(f"frozen parameters (pruned, not fine-tuned): {len(report.frozen)}", highlight=False)
         if report.unwrapped:

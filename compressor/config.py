@@ -59,6 +59,8 @@ class CompressConfig:
     """At most this fraction of any group's channels is removed."""
     round_to: int | None = None
     """Kept channel counts are multiples of this (1 disables; default: per execution provider, ``latency.DEFAULT_ROUND_TO``)."""
+    attention_pruning: str = "dims"
+    """``dims``: prune head dimensions alike in every head; ``heads``: prune whole heads (``head_dim`` kept)."""
     epochs: int = 5
     """Fine-tuning epochs (one OneCycleLR cycle over all of them); 0 skips fine-tuning."""
     batch_size: int = 32
@@ -117,6 +119,9 @@ class CompressConfig:
             raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {self.max_prune_per_group}")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.attention_pruning not in ("dims", "heads"):
+            raise ConfigError(f"--attention must be dims or heads, got {self.attention_pruning!r}",
+                              hint="dims prunes head dimensions alike in every head; heads removes whole heads")
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be 0 or more, got {self.epochs}")
         if self.batch_size < 1:

@@ -3,6 +3,11 @@
 ``trace`` finds the prunable groups (channels that must be removed together across layers), the
 layers that must not be pruned (the classifier, whose width is the class count) and the attention
 blocks whose head bookkeeping has to follow the pruned widths.
+
+Attention is pruned in one of two ways (``attention_pruning``): ``"dims"`` removes the same
+head-dimension indices in every head (the head count stays, ``head_dim`` shrinks); ``"heads"``
+removes whole heads (their q, k and v rows and the matching inputs of the output projection), so
+``num_heads`` shrinks and ``head_dim`` stays.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch import nn
 
 from . import watchdog
-from .errors import GraphError
+from .errors import ConfigError, GraphError
 from .progress import Progress
 
 ROOT_TYPES = (nn.Conv2d, nn.Conv1d, nn.Linear)
+ATTENTION_PRUNING = ("dims", "heads")
+"""How attention groups are pruned: head dimensions alike in every head, or whole heads."""
 
 
 @dataclass(frozen=True)
@@ -38,15 +45,26 @@ class GroupSpec:
     """Channels come in this many interleaved blocks pruned alike (attention heads, grouped layers)."""
     layers: tuple[str, ...]
     """Every module the group touches."""
+    unit_width: int = 1
+    """Adjacent channels (per block) that make one unit: a whole head's ``head_dim`` for heads pruning."""
+    heads_of: tuple[str, ...] = ()
+    """Attention modules that lose one head per unit removed (``attention_pruning="heads"``); else empty."""
 
     @property
     def units(self) -> int:
-        """Independently prunable units: channels per block."""
-        return self.size // self.ch_groups
+        """Independently prunable units: channels per block, or heads."""
+        return self.size // (self.ch_groups * self.unit_width)
+
+    @property
+    def unit_channels(self) -> int:
+        """Root channels that one removed unit takes away."""
+        return self.ch_groups * self.unit_width
 
     def expand(self, units: list[int] | tuple[int, ...]) -> list[int]:
         """Channel indices of the root for the given unit indices, repeated over blocks."""
-        return sorted(u + b * self.units for b in range(self.ch_groups) for u in units)
+        per_block = self.size // self.ch_groups
+        w = self.unit_width
+        return sorted(b * per_block + u * w + i for b in range(self.ch_groups) for u in units for i in range(w))
 
 
 @dataclass
@@ -62,6 +80,8 @@ class CouplingGraph:
     attention: list[str] = field(default_factory=list)
     """Names of attention modules whose head attributes are patched after pruning."""
     num_heads: dict[nn.Module, int] = field(default_factory=dict)
+    attention_pruning: str = "dims"
+    """``"dims"`` or ``"heads"``: the unit of the attention groups (see the module docstring)."""
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -105,15 +125,47 @@ def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _head_blocks(attention: dict[str, nn.Module]) -> dict[nn.Module, int]:
     """The module whose pruned output channels come in head blocks -> its head count."""
-    return {(m if isinstance(m, nn.MultiheadAttention) else m.qkv): m.num_heads for m in attention.values()}
+    return {_head_module(m): m.num_heads for m in attention.values()}
+
+
+def _head_module(attention: nn.Module) -> nn.Module:
+    return attention if isinstance(attention, nn.MultiheadAttention) else attention.qkv
+
+
+def head_shape(attention: nn.Module) -> tuple[int, int]:
+    """``(num_heads, head_dim)`` of an attention module, read from its widths where it has no ``head_dim``."""
+    if isinstance(attention, nn.MultiheadAttention):
+        return attention.num_heads, attention.out_proj.in_features // attention.num_heads
+    return attention.num_heads, attention.qkv.out_features // (3 * attention.num_heads)
+
+
+def attention_heads(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every attention module of ``model`` -> ``(num_heads, head_dim)``."""
+    return {name: head_shape(m) for name, m in _attention_modules(model).items()}
+
+
+def drop_heads(model: nn.Module, names: tuple[str, ...], count: int) -> None:
+    """Lower ``num_heads`` of the named attention modules by ``count``, before their heads are pruned.
+
+    Before, because torch-pruning's ``nn.MultiheadAttention`` pruner checks that the pruned
+    ``embed_dim`` divides by ``num_heads`` and sets ``head_dim`` from it; :func:`patch_attention`
+    then derives ``head_dim`` from the new count, which keeps it as it was.
+    """
+    for name in names:
+        m = model.get_submodule(name)
+        if m.num_heads - count < 1:
+            raise GraphError(f"removing {count} heads would leave attention module {name!r} without any "
+                             f"(it has {m.num_heads})")
+        m.num_heads -= count
 
 
 def patch_attention(model: nn.Module) -> None:
     """Make the attributes that a forward reads as plain ints follow the pruned widths.
 
-    timm's ``head_dim`` follows the ``qkv`` width (the scale is kept: it is part of the learned
-    function); ``nn.MultiheadAttention``'s ``embed_dim``/``head_dim``/``kdim``/``vdim`` follow its
-    ``out_proj``; torchvision's ViT reshapes its patch embedding with ``hidden_dim``.
+    timm's ``head_dim`` follows the ``qkv`` width and ``num_heads`` (the scale is kept: it is part
+    of the learned function); ``nn.MultiheadAttention``'s ``embed_dim``/``head_dim``/``kdim``/``vdim``
+    follow its ``out_proj`` and ``num_heads``; torchvision's ViT reshapes its patch embedding with
+    ``hidden_dim``. Whole-head pruning lowers ``num_heads`` first (:func:`drop_heads`).
     """
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):
@@ -135,10 +187,39 @@ def _is_grouped_conv(m: nn.Module) -> bool:
 
 
 def _channel_groups(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[nn.Module, int]) -> int:
-    blocks = {num_heads[dep.target.module] for dep, _ in group
-              if dep.target.module in num_heads and dg.is_out_channel_pruning_fn(dep.handler)}
-    blocks |= {dep.target.module.groups for dep, _ in group if _is_grouped_conv(dep.target.module)}
+    blocks = set(_heads_in(dg, group, num_heads).values())
+    blocks |= _conv_groups(group)
     return math.lcm(*blocks) if blocks else 1
+
+
+def _heads_in(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[nn.Module, int]) -> dict[nn.Module, int]:
+    """The head modules (qkv projections, ``nn.MultiheadAttention``) whose heads the group's channels index."""
+    return {dep.target.module: num_heads[dep.target.module] for dep, _ in group
+            if dep.target.module in num_heads and dg.is_out_channel_pruning_fn(dep.handler)}
+
+
+def _conv_groups(group: tp.Group) -> set[int]:
+    return {dep.target.module.groups for dep, _ in group if _is_grouped_conv(dep.target.module)}
+
+
+def _head_units(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[nn.Module, int],
+                owners: dict[nn.Module, str]) -> tuple[int, tuple[str, ...]] | None:
+    """For whole-head pruning: ``(head count, attention module names)`` of an attention group, None
+    for any other group; a :class:`GraphError` where whole heads cannot be removed consistently."""
+    heads = _heads_in(dg, group, num_heads)
+    if not heads:
+        return None
+    names = tuple(owners[m] for m in heads)
+    if len(set(heads.values())) > 1:
+        counts = ", ".join(f"{owners[m]} ({n})" for m, n in heads.items())
+        raise GraphError(f"whole heads cannot be pruned: attention modules with different head counts share "
+                         f"channels ({counts}), so a head of one is not a head of the other",
+                         hint="use --attention dims")
+    if _conv_groups(group):
+        raise GraphError(f"whole heads cannot be pruned: the channels of attention module {names[0]} also pass "
+                         "through a grouped convolution, which needs the same channels removed in every group",
+                         hint="use --attention dims")
+    return next(iter(heads.values())), names
 
 
 def _reroot_attention(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[nn.Module, int]) -> tp.Group | None:
@@ -294,20 +375,27 @@ TRACING = "tracing the model into torch-pruning's dependency graph"
 
 
 def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...] = (),
-          timeout: float | None = None, memory: int | None = None, progress: Progress | None = None) -> CouplingGraph:
+          timeout: float | None = None, memory: int | None = None, progress: Progress | None = None,
+          attention_pruning: str = "dims") -> CouplingGraph:
     """Build the coupling graph of ``model`` and list its prunable groups, within ``timeout`` seconds and
     ``memory`` bytes of resident memory (None: no limit; see :mod:`compressor.watchdog`), telling
-    ``progress`` it is alive while a long trace runs."""
+    ``progress`` it is alive while a long trace runs.
+
+    ``attention_pruning`` (``"dims"`` or ``"heads"``) sets the unit of the attention groups.
+    """
+    if attention_pruning not in ATTENTION_PRUNING:
+        raise ConfigError(f"--attention must be dims or heads, got {attention_pruning!r}")
     with watchdog.guard(TRACING, seconds=timeout, memory=memory, progress=progress, label="tracing",
                         time_hint="raise --trace-timeout (0 disables it), or protect the layers that make the graph "
                                   "large (torch-pruning's tracing grows with every coupled reshape and concatenation)",
                         memory_hint="trace at a smaller input size (smaller images, or a smaller --input-shape for "
                                     "`compressor inspect`), give the process more memory, or raise --trace-memory "
                                     "(0 disables it)"):
-        return _trace(model, example_input, protect=protect)
+        return _trace(model, example_input, protect=protect, attention_pruning=attention_pruning)
 
 
-def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...]) -> CouplingGraph:
+def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, ...],
+           attention_pruning: str) -> CouplingGraph:
     model.eval()
     protected: dict[str, str] = {}
     classifier = find_classifier(model, example_input)
@@ -317,6 +405,7 @@ def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str,
         protected.setdefault(name, "protected by the user")
     attention = _attention_modules(model)
     num_heads = _head_blocks(attention)
+    owners = {_head_module(m): name for name, m in attention.items()}
     ignored = [model.get_submodule(name) for name in protected]
     try:
         with warnings.catch_warnings():
@@ -342,19 +431,30 @@ def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str,
         root = root_dep.target.module
         if root not in names:
             continue
-        ch_groups = _channel_groups(dg, group, num_heads)
-        if len(group[0].idxs) % ch_groups:
-            continue  # blocks that do not tile the channels: no even pruning exists
+        size = len(group[0].idxs)
+        heads = _head_units(dg, group, num_heads, owners) if attention_pruning == "heads" else None
+        if heads is not None:
+            # A unit is one head: adjacent channels, which torch-pruning maps to that head's q, k and v rows.
+            ch_groups, unit_width, heads_of = 1, size // heads[0], heads[1]
+            if size % heads[0]:
+                continue
+        else:
+            ch_groups, unit_width, heads_of = _channel_groups(dg, group, num_heads), 1, ()
+            if size % ch_groups:
+                continue  # blocks that do not tile the channels: no even pruning exists
         layers = tuple(dict.fromkeys(names[d.target.module] for d, _ in group if d.target.module in names))
         specs.append(GroupSpec(
             index=len(specs),
             root=names[root],
             handler="out" if dg.is_out_channel_pruning_fn(root_dep.handler) else "in",
-            size=len(group[0].idxs),
+            size=size,
             ch_groups=ch_groups,
             layers=layers,
+            unit_width=unit_width,
+            heads_of=heads_of,
         ))
     for m, why in failed.items():
         protected.setdefault(names[m], why)
     return CouplingGraph(model=model, dg=dg, example_input=example_input[:1], groups=specs,
-                         protected=protected, attention=list(attention), num_heads=num_heads)
+                         protected=protected, attention=list(attention), num_heads=num_heads,
+                         attention_pruning=attention_pruning)

@@ -58,6 +58,7 @@ def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedD
         "producer": f"compressor {__version__}",
         "criterion": config.criterion,
         "schedule": config.schedule,
+        "attention_pruning": config.attention_pruning,
         "target_flops_ratio": f"{result.target_ratio:g}",
         "achieved_flops_ratio": f"{result.achieved_ratio:.6f}",
         "flops_original": str(result.original.macs),
@@ -112,7 +113,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
 
     with clock.stage("trace"):
         coupling = graph.trace(original, data.val_x[:1], timeout=config.trace_timeout or None,
-                               memory=watchdog.memory_budget(config.trace_memory), progress=progress)
+                               memory=watchdog.memory_budget(config.trace_memory), progress=progress,
+                               attention_pruning=config.attention_pruning)
         check_prunable(coupling)
 
     with clock.stage("prune"):

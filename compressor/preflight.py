@@ -10,7 +10,7 @@ from torch import nn
 
 from . import flops, pruning
 from .errors import GraphError, TargetUnreachableError
-from .graph import CouplingGraph, trace
+from .graph import CouplingGraph, attention_heads, trace
 from .progress import Progress
 
 
@@ -20,6 +20,8 @@ class GroupInfo:
     channels: int
     units: int
     layers: int
+    heads_of: tuple[str, ...] = ()
+    """Attention modules whose whole heads are this group's units (``attention_pruning="heads"``)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ class Inspection:
     """Reached without the unsafe groups."""
     unsafe: dict[str, str] = field(default_factory=dict)
     """Group root -> why: groups whose pruning breaks the forward, which the search leaves unpruned."""
+    attention_pruning: str = "dims"
+    """The unit of the attention groups: ``"dims"`` (head dimensions) or ``"heads"`` (whole heads)."""
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Attention module -> ``(num_heads, head_dim)``."""
 
 
 def check_prunable(graph: CouplingGraph) -> None:
@@ -57,11 +63,12 @@ def check_prunable(graph: CouplingGraph) -> None:
 
 def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float = 0.75,
                   timeout: float | None = None, memory: int | None = None,
-                  progress: Progress | None = None) -> Inspection:
+                  progress: Progress | None = None, attention_pruning: str = "dims") -> Inspection:
     """Trace ``model`` (within the budgets of :func:`~compressor.graph.trace`) and report its groups, those
     the search would leave unpruned because pruning them breaks the model, and the smallest FLOPs ratio
     the search can reach."""
-    graph = trace(model, example_input, timeout=timeout, memory=memory, progress=progress)
+    graph = trace(model, example_input, timeout=timeout, memory=memory, progress=progress,
+                  attention_pruning=attention_pruning)
     check_prunable(graph)
     cost = flops.measure(model, example_input)
     names = {p: n for n, p in model.named_parameters()}
@@ -76,9 +83,10 @@ def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fr
         floor = None
     return Inspection(
         macs=cost.macs, params=cost.params,
-        groups=[GroupInfo(s.root, s.size, s.units, len(s.layers)) for s in graph.groups],
+        groups=[GroupInfo(s.root, s.size, s.units, len(s.layers), s.heads_of) for s in graph.groups],
         protected=dict(graph.protected), attention=list(graph.attention),
         frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
         unwrapped=unwrapped, min_reachable_ratio=floor,
         unsafe={graph.groups[g].root: why for g, why in unsafe.items()},
+        attention_pruning=attention_pruning, heads=attention_heads(model),
     )

@@ -22,7 +22,7 @@ from torch import nn
 from . import flops
 from .criteria import ChannelCosts, Criterion, needs_channel_costs
 from .errors import GraphError, TargetUnreachableError
-from .graph import CouplingGraph, GroupSpec, patch_attention, trace
+from .graph import CouplingGraph, GroupSpec, attention_heads, drop_heads, patch_attention, trace
 
 TOLERANCE = 0.01
 """The achieved FLOPs ratio must lie in [target * (1 - TOLERANCE), target]."""
@@ -52,6 +52,24 @@ class LayerChange:
 
 
 @dataclass(frozen=True)
+class HeadChange:
+    """One attention module's heads before and after pruning."""
+
+    module: str
+    heads_before: int
+    heads_after: int
+    head_dim_before: int
+    head_dim_after: int
+
+
+def head_changes(original: nn.Module, pruned: nn.Module) -> list[HeadChange]:
+    """Heads and head widths of every attention module of ``original``, before and after."""
+    after = attention_heads(pruned)
+    return [HeadChange(name, heads, after[name][0], dim, after[name][1])
+            for name, (heads, dim) in attention_heads(original).items() if name in after]
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """What the search found and what it cost."""
 
@@ -69,10 +87,15 @@ class PruneResult:
     """Groups whose kept width is not a multiple of ``round_to``: the target could not be met otherwise."""
     unsafe_groups: list[str] = field(default_factory=list)
     """Groups left unpruned because pruning them broke the model ("root: why")."""
+    attention_pruning: str = "dims"
+    """What an attention group's unit was: ``"dims"`` (head dimensions) or ``"heads"`` (whole heads)."""
+    heads: list[HeadChange] = field(default_factory=list)
+    """Per attention module, heads and ``head_dim`` before and after."""
 
 
 def score_groups(graph: CouplingGraph, criterion: Criterion, *, costs: list[float] | None = None) -> list[torch.Tensor]:
-    """Per-unit scores of every group (higher = keep), blocks averaged where channels come in blocks.
+    """Per-unit scores of every group (higher = keep): the mean of the unit's channel scores, over
+    blocks where channels come in blocks and over a head's channels where a unit is a whole head.
 
     ``costs`` (from :func:`channel_costs`) saves measuring them again for a criterion that needs them.
     """
@@ -89,8 +112,8 @@ def score_groups(graph: CouplingGraph, criterion: Criterion, *, costs: list[floa
             raise GraphError(
                 f"criterion returned {imp.numel()} scores for group {spec.root!r} of {spec.size} channels"
             )
-        if spec.ch_groups > 1:
-            imp = imp.view(spec.ch_groups, -1).mean(0)
+        if spec.unit_channels > 1:
+            imp = imp.view(spec.ch_groups, spec.units, spec.unit_width).mean((0, 2))
         # NaN ranks first (no information), +inf never (an abstaining criterion protects the group).
         scores.append(torch.nan_to_num(imp, nan=0.0, posinf=math.inf, neginf=-math.inf))
     return scores
@@ -123,6 +146,7 @@ def apply_plan(graph: CouplingGraph, plan: PruningPlan) -> None:
         if not units:
             continue
         group = graph.tp_group(spec, spec.expand(units))
+        drop_heads(graph.model, spec.heads_of, len(units))
         if not graph.dg.check_pruning_group(group):
             raise GraphError(f"torch-pruning refused to prune group {spec.root!r} ({len(units)} units)")
         group.prune()
@@ -132,7 +156,8 @@ def apply_plan(graph: CouplingGraph, plan: PruningPlan) -> None:
 def pruned_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
     """A pruned deep copy of ``graph.model``; the original is untouched."""
     model = copy.deepcopy(graph.model)
-    copy_graph = trace(model, graph.example_input, protect=tuple(graph.protected))
+    copy_graph = trace(model, graph.example_input, protect=tuple(graph.protected),
+                       attention_pruning=graph.attention_pruning)
     if [(s.root, s.handler, s.size) for s in copy_graph.groups] != [(s.root, s.handler, s.size) for s in graph.groups]:
         raise GraphError("tracing a copy of the model gave different groups; the model's forward is not deterministic")
     apply_plan(copy_graph, plan)
@@ -143,11 +168,22 @@ Chunk = tuple[int, tuple[int, ...]]
 """A group index and the units removed together as one step of the ranking."""
 
 
+def unit_round_to(spec: GroupSpec, round_to: int) -> int:
+    """The multiple a group's kept units are rounded to: ``round_to``, except for whole heads.
+
+    A head is already a block of ``head_dim`` channels, so its group's width stays a multiple of
+    ``head_dim`` whatever the head count; rounding the head count would only coarsen the search.
+    """
+    return 1 if spec.heads_of else round_to
+
+
 def min_units(spec: GroupSpec, *, max_fraction: float, round_to: int, original_units: int | None = None) -> int:
-    """The fewest units the cap lets ``spec`` keep, rounded up to a multiple of ``round_to`` where it can
-    be; ``original_units`` makes the cap count from the width before earlier prunes (gradual schedules)."""
+    """The fewest units the cap lets ``spec`` keep (at least one, so an attention module keeps a head),
+    rounded up to a multiple of ``round_to`` where it can be; ``original_units`` makes the cap count
+    from the width before earlier prunes (gradual schedules)."""
     n = original_units or spec.units
     keep = max(1, math.ceil(n * (1 - max_fraction)))
+    round_to = unit_round_to(spec, round_to)
     if round_to > 1:
         keep = max(round_to, math.ceil(keep / round_to) * round_to)
     return keep
@@ -168,8 +204,9 @@ def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction
         n = spec.units
         min_keep = min_units(spec, max_fraction=max_fraction, round_to=round_to,
                              original_units=(original_units or {}).get(spec.root))
-        if round_to > 1:
-            widths = list(range(n - n % round_to if n % round_to else n - round_to, min_keep - 1, -round_to))
+        r = unit_round_to(spec, round_to)
+        if r > 1:
+            widths = list(range(n - n % r if n % r else n - r, min_keep - 1, -r))
         else:
             widths = list(range(n - 1, min_keep - 1, -1))
         removed = 0
@@ -367,8 +404,8 @@ def search(
                           max_fraction=max_prune_fraction, original_units=original_units or {})
             if found is not None:
                 chosen, model, ratio, touched = found
-                if round_to > 1:
-                    off_multiple = [graph.groups[g].root for g in touched]
+                off_multiple = [graph.groups[g].root for g in touched
+                                if unit_round_to(graph.groups[g], round_to) > 1]
             else:
                 # No plan lands in the window (single units of the groups left are too coarse, as after
                 # earlier prunes): the closest one below the target that any probe found.
@@ -378,7 +415,7 @@ def search(
     plan = _plan(chosen)
     pruned_cost = flops.measure(model, graph.example_input)
     layers = [
-        LayerChange(spec.root, spec.size, spec.size - len(plan.removed.get(spec.index, ())) * spec.ch_groups)
+        LayerChange(spec.root, spec.size, spec.size - len(plan.removed.get(spec.index, ())) * spec.unit_channels)
         for spec in graph.groups
     ]
     result = PruneResult(
@@ -394,5 +431,7 @@ def search(
         round_to=round_to,
         off_multiple=off_multiple,
         unsafe_groups=[f"{graph.groups[g].root}: {why}" for g, why in unsafe.items()],
+        attention_pruning=graph.attention_pruning,
+        heads=head_changes(graph.model, model),
     )
     return model, result

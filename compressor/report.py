@@ -122,6 +122,7 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
                        for l in not_faster(r.validation)],
         "targets": _targets(r),
         "layer_profile": _layer_profile(r.layer_profile),
+        "attention": {"pruning": p.attention_pruning, "modules": [asdict(h) for h in p.heads]},
     }
 
 
@@ -168,6 +169,10 @@ def table_rows(r: CompressResult) -> list[tuple[str, str, str, str]]:
         ("Accuracy (ONNX, val)", f"{v.accuracy_original:.2%}", f"{v.accuracy_compressed:.2%}",
          f"{(v.accuracy_compressed - v.accuracy_original) * 100:+.2f} pts"),
     ]
+    if p.heads:
+        before, after = sum(h.heads_before for h in p.heads), sum(h.heads_after for h in p.heads)
+        rows.append((f"Attention heads ({len(p.heads)} modules)", str(before), str(after),
+                     f"--attention {p.attention_pruning}"))
     for l in v.latency:
         rows.append((f"Latency batch {l.batch} ({v.provider.replace('ExecutionProvider', '')})",
                      f"{l.original_ms:.2f} ms", f"{l.compressed_ms:.2f} ms",
@@ -223,6 +228,13 @@ def to_markdown(r: CompressResult) -> str:
               f"- top-1 agreement: {r.validation.parity.top1_agreement:.2%} of {r.validation.parity.samples} images",
               "", "## Channels per group", "", "| group (root layer) | before | after |", "|---|---|---|"]
     lines += [f"| {l['group']} | {l['before']} | {l['after']} |" for l in d["search"]["layers"]]
+    if r.prune.heads:
+        how = ("whole heads removed, head_dim kept" if r.prune.attention_pruning == "heads"
+               else "head dimensions removed alike in every head, head count kept")
+        lines += ["", f"## Attention heads (`--attention {r.prune.attention_pruning}`: {how})", "",
+                  "| attention module | heads before | after | head_dim before | after |", "|---|---|---|---|---|"]
+        lines += [f"| {h.module} | {h.heads_before} | {h.heads_after} | {h.head_dim_before} | {h.head_dim_after} |"
+                  for h in r.prune.heads]
     if r.schedule:
         lines += ["", f"## Schedule `{r.schedule.name}`", "",
                   "| step | epoch | FLOPs ratio | accuracy before | right after | after BN recalibration | why |",

@@ -152,7 +152,8 @@ class Run:
         self._results: list[pruning.PruneResult] = []
         example = data.val_x[:1]
         self.original_cost = flops.measure(original, example)
-        self.groups = groups if groups is not None else trace(copy.deepcopy(original), example).groups
+        self.groups = groups if groups is not None else trace(copy.deepcopy(original), example,
+                                                              attention_pruning=config.attention_pruning).groups
         """The original model's groups (the widths every later cap counts from)."""
         self.original_units = {spec.root: spec.units for spec in self.groups}
 
@@ -194,7 +195,7 @@ class Run:
         """The coupling graph of the current model (traced again after each physical prune)."""
         example = self._example()
         if self._graph is None or self._graph.model is not self.model or self._graph.example_input.device != example.device:
-            self._graph = trace(self.model, example)
+            self._graph = trace(self.model, example, attention_pruning=self.config.attention_pruning)
             self._costs = None
             self.model.train()
         return self._graph
@@ -260,7 +261,8 @@ class Run:
             last, original=self.original_cost, pruned=final, target_ratio=self.target,
             achieved_ratio=final.macs / self.original_cost.macs,
             min_reachable_ratio=self._results[0].min_reachable_ratio,
-            probes=sum(r.probes for r in self._results), seconds=sum(r.seconds for r in self._results), layers=layers)
+            probes=sum(r.probes for r in self._results), seconds=sum(r.seconds for r in self._results), layers=layers,
+            heads=pruning.head_changes(self.original, self.model))
 
     def start(self, schedule: Schedule) -> None:
         """Check the target is reachable at all (before any training), then the schedule's ``begin``."""

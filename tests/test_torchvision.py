@@ -66,20 +66,25 @@ def _build(name: str) -> tuple[nn.Module, torch.Tensor]:
     return model, example
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=slow) if n in SLOW else n for n in CASES])
-def test_torchvision_model_prunes_to_half_and_matches_onnxruntime(name, tmp_path, record_property):
+@pytest.mark.parametrize(("name", "attention"),
+                         [pytest.param(n, "dims", marks=slow) if n in SLOW else (n, "dims") for n in CASES]
+                         + [pytest.param("vit_b_16", "heads", marks=slow)])
+def test_torchvision_model_prunes_to_half_and_matches_onnxruntime(name, attention, tmp_path, record_property):
     model, example = _build(name)
     size = example.shape[-1]
     batch = torch.randn(3, 3, size, size)
     with torch.no_grad():
         before = model(batch).clone()
 
-    coupling = graph.trace(model, example)
+    coupling = graph.trace(model, example, attention_pruning=attention)
     assert coupling.groups, "nothing prunable was found"
     scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
     pruned, result = pruning.search(coupling, scores, target_ratio=0.5, max_prune_fraction=0.75)
 
     assert 0.495 <= result.achieved_ratio <= 0.5
+    if attention == "heads":  # every block's nn.MultiheadAttention loses the same whole heads of the stream
+        assert {(h.heads_before, h.head_dim_before, h.head_dim_after) for h in result.heads} == {(12, 64, 64)}
+        assert len({h.heads_after for h in result.heads}) == 1 and result.heads[0].heads_after < 12
     assert flops.measure(pruned, example).macs == result.pruned.macs
     assert flops.count_params(pruned) == result.pruned.params < result.original.params
     with torch.no_grad():
