@@ -119,7 +119,10 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
 
     with clock.stage("prune"):
         # The schedule prunes to one FLOPs ratio: the latency target, if any, is turned into one first.
-        round_to = latency.round_to_for(config)
+        round_to, rounding_note = latency.fit_round_to(coupling, config)
+        if rounding_note:
+            notes.append(rounding_note)
+            progress.note(rounding_note)
         flops_ratio, latency_search = latency.resolve_target(coupling, config, criterion=criterion, data=data,
                                                              round_to=round_to, progress=progress)
         resolved = dataclasses.replace(config, target_flops=flops_ratio, round_to=round_to)

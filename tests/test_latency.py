@@ -291,3 +291,18 @@ def test_round_to_defaults_per_execution_provider(make_config):
     assert latency.round_to_for(make_config(device="cpu", round_to=1)) == 1
     with pytest.raises(ConfigError, match="--round-to"):
         make_config(round_to=0)
+
+
+def test_the_default_multiple_is_lowered_where_the_target_needs_finer_widths(tiny, make_config):
+    coupling, _ = tiny  # ResNet-20: 16-channel first stage, 64 channels at most
+    ones = [torch.ones(spec.units) for spec in coupling.groups]
+    floor16 = pruning.floor_ratio(coupling, ones, max_prune_fraction=0.75, round_to=16)
+    assert latency.fit_round_to(coupling, make_config(target_flops=0.5)) == (16, None)  # reachable: the default
+
+    round_to, note = latency.fit_round_to(coupling, make_config(target_flops=floor16 - 0.05))
+    assert round_to < 16
+    assert pruning.floor_ratio(coupling, ones, max_prune_fraction=0.75, round_to=round_to) <= floor16 - 0.05
+    assert f"multiples of {round_to}, not 16" in note and f"{floor16:.3f}" in note
+
+    # An explicit multiple is the user's: kept, and the search says the target is unreachable with it.
+    assert latency.fit_round_to(coupling, make_config(target_flops=floor16 - 0.05, round_to=16)) == (16, None)

@@ -271,3 +271,43 @@ def test_rounded_widths_are_multiples_and_the_target_is_still_met(coupling, scor
         assert kept == change.after
         assert kept % round_to == 0 or change.group in result.off_multiple, (change.group, kept)
         assert kept >= math.ceil(change.before * (1 - CAP))
+
+
+class DenseConcat(nn.Module):
+    """Concatenations whose inputs are pruned by other groups: index bookkeeping (offsets) that a probe's
+    copy must carry over from the original's graph, and not change in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 12, 3, padding=1)
+        self.a = nn.Conv2d(12, 10, 3, padding=1)
+        self.b = nn.Conv2d(22, 14, 3, padding=1)
+        self.mix = nn.Conv2d(36, 16, 1)
+        self.fc = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.cat([x, torch.relu(self.a(x))], 1)
+        x = torch.cat([x, torch.relu(self.b(x))], 1)
+        return self.fc(self.mix(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("build", [DenseConcat, lambda: create_model("vit_tiny", in_channels=1, image_size=IMAGE_SIZE)],
+                         ids=["dense-concat", "vit_tiny"])
+def test_a_probe_copy_is_pruned_as_a_traced_copy_and_leaves_the_original_alone(build):
+    torch.manual_seed(0)
+    model = build().eval()
+    example = torch.randn(2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    coupling = graph.trace(model, example[:1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    order = pruning._chunks(coupling.groups, pruning.score_groups(coupling, criteria.get_criterion("l2")),
+                            max_fraction=0.75, round_to=1)
+    for plan in (pruning._plan(order), pruning._plan(order[: len(order) // 2]), pruning._plan(order)):
+        fast, traced = pruning.pruned_copy(coupling, plan), pruning.pruned_copy_by_tracing(coupling, plan)
+        fast_state, traced_state = fast.state_dict(), traced.state_dict()
+        assert fast_state.keys() == traced_state.keys()
+        for key in fast_state:
+            torch.testing.assert_close(fast_state[key], traced_state[key], rtol=0, atol=0, msg=key)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(example), traced(example), rtol=0, atol=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
