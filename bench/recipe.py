@@ -91,6 +91,9 @@ def main() -> None:
     p.add_argument("--model", choices=sorted(BASELINES), default="resnet20")
     p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--methods", nargs="+", default=["plain", "default"],
+                   help="plain (the torch-pruning recipe) and compress variants: default, round1, nodistill, "
+                        "schedule:NAME, criterion:NAME")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipe.json")
@@ -105,6 +108,7 @@ def main() -> None:
     from compressor import CompressConfig, compress
     from compressor.data import load_data
     from compressor.export import export_onnx
+    from compressor.finetune import accuracy
     from compressor.loading import load_model
 
     torch.set_num_threads(2)
@@ -112,7 +116,8 @@ def main() -> None:
     sl = slice(BASELINE_TRAIN_IMAGES, BASELINE_TRAIN_IMAGES + args.train_size)
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     budget = {"model": args.model, "train_size": args.train_size, "epochs": args.epochs}
-    done = {(r["method"], r["target"], r["seed"]) for r in rows if all(r.get(k) == v for k, v in budget.items())}
+    done = {(r["method"], r.get("variant", "default"), r["target"], r["seed"]) for r in rows
+            if all(r.get(k) == v for k, v in budget.items())}
 
     def record(row):
         row = budget | row
@@ -127,7 +132,7 @@ def main() -> None:
         np.savez(data_path, images=train_x[sl], labels=train_y[sl])
         for target in args.targets:
             for seed in args.seeds:
-                if ("plain", target, seed) not in done:
+                if "plain" in args.methods and ("plain", "default", target, seed) not in done:
                     torch.manual_seed(seed)
                     data = load_data(data_path, val_fraction=0.2, seed=seed, mean=(MEAN,), std=(STD,))
                     model = load_model(baseline, arch=args.model, image_size=28).model
@@ -136,19 +141,47 @@ def main() -> None:
                     ips = plain_finetune(pruned, data.train_x, data.train_y, epochs=args.epochs, seed=seed)
                     export_onnx(pruned, tmp / "plain.onnx", example_input=data.val_x[:1], metadata={})
                     record({"method": "plain", "target": target, "seed": seed, "flops_ratio": round(ratio, 4),
+                            "val": accuracy(pruned, data.val_x, data.val_y),
                             "test": test_accuracy(tmp / "plain.onnx", test_x, test_y),
                             "images_per_second": round(ips, 1), "seconds": round(time.perf_counter() - start, 1)})
-                if ("compress", target, seed) not in done:
+                for variant in (m for m in args.methods if m != "plain"):
+                    if ("compress", variant, target, seed) in done:
+                        continue
                     start = time.perf_counter()
                     result = compress(CompressConfig(model_path=baseline, data_path=data_path, arch=args.model,
-                                                     target_flops=target, seed=seed, epochs=args.epochs, mean=(MEAN,), std=(STD,),
-                                                     out_dir=tmp / "run", overwrite=True, latency_runs=5))
-                    record({"method": "compress", "target": target, "seed": seed,
-                            "flops_ratio": round(result.prune.achieved_ratio, 4),
+                                                     target_flops=target, seed=seed, epochs=args.epochs, mean=(MEAN,),
+                                                     std=(STD,), out_dir=tmp / "run", overwrite=True, latency_runs=5,
+                                                     **overrides(variant)))
+                    record({"method": "compress", "variant": variant, "target": target, "seed": seed,
+                            "flops_ratio": round(result.prune.achieved_ratio, 4), "round_to": result.prune.round_to,
+                            "val": result.finetune.val_accuracy if result.finetune else None,
                             "test": test_accuracy(tmp / "run" / "model.onnx", test_x, test_y),
                             "test_original": test_accuracy(tmp / "run" / "original.onnx", test_x, test_y),
+                            "speedup_b1": _speedup(result, 1), "speedup_b64": _speedup(result, 64),
                             "images_per_second": round(result.finetune.images_per_second, 1),
                             "seconds": round(time.perf_counter() - start, 1)})
+
+
+def overrides(variant: str) -> dict:
+    """``CompressConfig`` fields of a variant: ``default``, ``round1``, ``nodistill``, ``schedule:NAME``,
+    ``criterion:NAME``."""
+    if variant == "default":
+        return {}
+    if variant == "round1":
+        return {"round_to": 1}
+    if variant == "nodistill":
+        return {"distill": False}
+    kind, _, name = variant.partition(":")
+    if kind in ("schedule", "criterion") and name:
+        return {kind: name}
+    raise SystemExit(f"unknown variant {variant!r}")
+
+
+def _speedup(result, batch: int) -> float | None:
+    for entry in result.validation.latency:
+        if entry.batch == batch:
+            return round(entry.speedup, 3)
+    return None
 
 
 if __name__ == "__main__":
