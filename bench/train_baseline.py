@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--half", action="store_true", help="store the weights in float16 (half the file; loads as float32)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -71,7 +72,10 @@ def main() -> None:
         acc = evaluate(model, tx, ty)
         print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f} test acc {acc:.4f} ({time.time() - t0:.0f}s)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), args.out)
+    state = model.state_dict()
+    if args.half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, args.out)
     print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB), test accuracy {acc:.4f}")
 
 
