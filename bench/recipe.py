@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["plain", "default"],
-                   help="plain (the torch-pruning recipe) and compress variants: default, round1, nodistill, "
+                   help="plain (the torch-pruning recipe) and compress variants: default, roundN, nodistill, "
                         "schedule:NAME, criterion:NAME")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=2000)
@@ -163,12 +163,12 @@ def main() -> None:
 
 
 def overrides(variant: str) -> dict:
-    """``CompressConfig`` fields of a variant: ``default``, ``round1``, ``nodistill``, ``schedule:NAME``,
+    """``CompressConfig`` fields of a variant: ``default``, ``roundN`` (``--round-to N``), ``nodistill``, ``schedule:NAME``,
     ``criterion:NAME``."""
     if variant == "default":
         return {}
-    if variant == "round1":
-        return {"round_to": 1}
+    if variant.startswith("round") and variant[5:].isdigit():
+        return {"round_to": int(variant[5:])}
     if variant == "nodistill":
         return {"distill": False}
     kind, _, name = variant.partition(":")
