@@ -1,8 +1,9 @@
 """Requested vs achieved FLOPs ratio on every model of ``models/`` and the torchvision matrix.
 
 Each model is traced once and pruned (criterion ``l2``, ``--max-prune-per-group 0.75``, the
-``compress`` defaults) to each requested ratio with channel counts rounded to the CPU EP's default
-multiple (16) and without rounding (1). The achieved ratio is measured again on the pruned model
+``compress`` defaults) to each requested ratio with channel counts rounded as ``compress`` rounds them
+by default on the CPU EP (multiples of 16, lowered where the target needs finer widths; the row
+records the multiple used) and without rounding (1). The achieved ratio is measured again on the pruned model
 (torch-pruning's counter, the one ``compress`` reports), not taken from the search. A target the
 model cannot reach under the per-group cap is recorded as unreachable with its floor. Random
 weights: how many FLOPs a plan removes does not depend on them.
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 TARGETS = (0.7, 0.5, 0.3)
-ROUNDING = (16, 1)
+ROUNDING = ("default", "1")
 
 
 def _models():
@@ -46,17 +47,19 @@ def _models():
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
-    p.add_argument("--round-to", nargs="+", type=int, default=list(ROUNDING))
+    p.add_argument("--round-to", nargs="+", default=list(ROUNDING), help="default (as compress on the CPU EP) or N")
     p.add_argument("--models", help="comma-separated subset of the names (default: all)")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "flops_accuracy.json")
     args = p.parse_args()
 
     import torch
 
     from compressor import criteria, flops, graph, pruning
+    from compressor.latency import DEFAULT_ROUND_TO, coarsest_reaching
     from compressor.errors import TargetUnreachableError
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     wanted = set(args.models.split(",")) if args.models else None
     rows = []
     for name, build in _models():
@@ -66,9 +69,15 @@ def main() -> None:
         start = time.perf_counter()
         coupling = graph.trace(model, example)
         scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
-        for round_to in args.round_to:
+        for rounding in args.round_to:
             for target in args.targets:
-                row = {"model": name, "input": example.shape[-1], "round_to": round_to, "requested": target}
+                if rounding == "default":
+                    round_to, _ = coarsest_reaching(coupling, target, start=DEFAULT_ROUND_TO["CPUExecutionProvider"],
+                                                    max_prune_fraction=0.75)
+                else:
+                    round_to = int(rounding)
+                row = {"model": name, "input": example.shape[-1], "rounding": rounding, "round_to": round_to,
+                       "requested": target}
                 try:
                     pruned, result = pruning.search(coupling, scores, target_ratio=target, max_prune_fraction=0.75,
                                                     round_to=round_to)

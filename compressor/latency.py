@@ -193,32 +193,43 @@ def round_to_for(config: CompressConfig) -> int:
 def fit_round_to(graph: CouplingGraph, config: CompressConfig) -> tuple[int, str | None]:
     """The multiple channel counts are rounded to, and why it is below the default (None where it is not).
 
-    An explicit ``--round-to`` is kept as given. The default multiple (:func:`round_to_for`) is halved
-    while the FLOPs target lies below the smallest ratio reachable with it: a model with thin layers
-    (ResNet-20's 16-channel first stage cannot lose a channel at 16) would otherwise refuse targets
-    it can reach with finer widths, and a coarser width is only a default, chosen for speed.
+    An explicit ``--round-to`` is kept as given. The default multiple (:func:`round_to_for`) is lowered
+    where the FLOPs target needs finer widths (:func:`coarsest_reaching`).
     """
     default = round_to_for(config)
     if config.round_to is not None or config.target_flops is None:
         return default, None
+    round_to, floor = coarsest_reaching(graph, config.target_flops, start=default,
+                                        max_prune_fraction=config.max_prune_per_group)
+    if round_to == default:
+        return default, None
+    return round_to, (f"channel counts are rounded to multiples of {round_to}, not {default} (the default on this "
+                      f"execution provider): at {default} the smallest reachable FLOPs ratio is {floor:.3f}, above "
+                      f"--target-flops {config.target_flops:g}. Pass --round-to to choose the multiple")
+
+
+def coarsest_reaching(graph: CouplingGraph, target: float, *, start: int, max_prune_fraction: float) -> tuple[int, float]:
+    """``start`` halved while ``target`` lies below the smallest FLOPs ratio reachable with it; also that
+    smallest ratio at ``start``.
+
+    A model with thin layers (ResNet-20's 16-channel first stage cannot lose a channel at 16) would
+    otherwise refuse targets it can reach with finer widths; a coarse multiple is a default chosen for
+    speed, not a requirement.
+    """
     ones = [torch.ones(spec.units) for spec in graph.groups]  # the floor depends on the caps, not the scores
 
     def floor(multiple: int) -> float:
         try:
-            return pruning.floor_ratio(graph, ones, max_prune_fraction=config.max_prune_per_group, round_to=multiple)
+            return pruning.floor_ratio(graph, ones, max_prune_fraction=max_prune_fraction, round_to=multiple)
         except TargetUnreachableError:
             return 1.0
 
-    round_to, first = default, floor(default)
-    reachable = first <= config.target_flops
+    round_to, first = start, floor(start)
+    reachable = first <= target
     while not reachable and round_to > 1:
         round_to //= 2
-        reachable = floor(round_to) <= config.target_flops
-    if round_to == default:
-        return default, None
-    return round_to, (f"channel counts are rounded to multiples of {round_to}, not {default} (the default on this "
-                      f"execution provider): at {default} the smallest reachable FLOPs ratio is {first:.3f}, above "
-                      f"--target-flops {config.target_flops:g}. Pass --round-to to choose the multiple")
+        reachable = floor(round_to) <= target
+    return round_to, first
 
 
 def resolve_target(

@@ -1,0 +1,107 @@
+"""Render the BENCHMARKS.md tables from the raw rows in ``bench/results/`` (nothing is re-measured).
+
+    python bench/tables.py recipe            # accuracy at a fixed budget: mean, spread, difference to the original
+    python bench/tables.py flops             # requested vs achieved FLOPs ratio
+    python bench/tables.py cost              # stage times, throughput and memory against a bare loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def recipe(path: Path = RESULTS / "recipe.json") -> str:
+    rows = json.loads(path.read_text())
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if "model" not in r:
+            continue
+        name = "plain torch-pruning" if r["method"] == "plain" else f"compress {r.get('variant', 'default')}"
+        cells[(r["model"], r["train_size"], r["epochs"], r["target"], name)].append(r)
+    originals = {r["model"]: r["test_original"] for r in rows if "test_original" in r}
+    lines = ["| model | target | method | seeds | FLOPs ratio | test accuracy (mean ± sd) | min-max | vs original (pts) "
+             "| vs plain (pts) | speed-up b1 / b64 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(cells, key=lambda k: (k[0], -k[3], k[4] != "plain torch-pruning", k[4])):
+        model, _, _, target, name = key
+        group = cells[key]
+        tests = [r["test"] for r in group]
+        mean = statistics.mean(tests)
+        sd = statistics.stdev(tests) if len(tests) > 1 else 0.0
+        plain = cells.get((*key[:4], "plain torch-pruning"))
+        vs_plain = "" if not plain or name.startswith("plain") else f"{100 * (mean - statistics.mean(r['test'] for r in plain)):+.2f}"
+        speed = [(r.get("speedup_b1"), r.get("speedup_b64")) for r in group]
+        speed_cell = ("" if any(s is None for pair in speed for s in pair) else
+                      f"{statistics.median(s[0] for s in speed):.2f}x / {statistics.median(s[1] for s in speed):.2f}x")
+        flops = sorted({r["flops_ratio"] for r in group})
+        lines.append(f"| {model} | {target:g} | {name} | {len(group)} | {', '.join(f'{f:.3f}' for f in flops)} "
+                     f"| {_pct(mean)} ± {100 * sd:.2f} | {_pct(min(tests))}-{_pct(max(tests))} "
+                     f"| {100 * (mean - originals[model]):+.2f} | {vs_plain} | {speed_cell} |")
+    return "\n".join(lines)
+
+
+def flops(path: Path = RESULTS / "flops_accuracy.json") -> str:
+    rows = json.loads(path.read_text())
+    targets = sorted({r["requested"] for r in rows}, reverse=True)
+    roundings = list(dict.fromkeys(r["rounding"] for r in rows))
+    by = {(r["model"], r["rounding"], r["requested"]): r for r in rows}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    head = " | ".join(f"{t:g}, {'default rounding' if k == 'default' else f'--round-to {k}'}"
+                      for k in roundings for t in targets)
+    lines = [f"| model | input | {head} |", "|---|---|" + "---|" * (len(targets) * len(roundings))]
+    for m in models:
+        cells = []
+        for k in roundings:
+            for t in targets:
+                r = by.get((m, k, t))
+                if r is None:
+                    cells.append("")
+                elif "unreachable" in r:
+                    cells.append("unreachable")
+                else:
+                    flag = " (*)" if r["off_multiple"] else ""
+                    lowered = f" [{r['round_to']}]" if k == "default" and r["round_to"] != 16 else ""
+                    cells.append(f"{r['achieved']:.4f}{flag}{lowered}")
+        size = next(r["input"] for r in rows if r["model"] == m)
+        lines.append(f"| {m} | {size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost(path: Path = RESULTS / "cost.json") -> str:
+    rows = json.loads(path.read_text())
+    stages = ["load", "trace", "prune", "fine-tune", "export", "validate"]
+    lines = ["| model | " + " | ".join(f"{s} (s)" for s in stages) + " | total (s) |", "|---|" + "---|" * (len(stages) + 1)]
+    for r in rows:
+        sec = r["compress"]["stage_seconds"]
+        lines.append(f"| {r['model']} | " + " | ".join(f"{sec.get(s, 0):.1f}" for s in stages)
+                     + f" | {r['compress']['total_seconds']:.1f} |")
+    lines += ["", "| model | images x epochs | compress fine-tune img/s | bare loop img/s (pruned model) | bare + distillation "
+              "img/s | compress / bare | compress / bare + distillation | peak RSS compress (MB) | peak RSS bare loop, "
+              "original model (MB) | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["compress"]
+        lines.append(f"| {r['model']} | {int(r['images'] * 0.8)} x {r['epochs']} | {c['finetune_images_per_second']:.1f} "
+                     f"| {r['bare_pruned']['images_per_second']:.1f} | {r['bare-kd_pruned']['images_per_second']:.1f} "
+                     f"| {r['throughput_ratio_vs_bare_pruned']:.2f} | {r['throughput_ratio_vs_bare_kd_pruned']:.2f} "
+                     f"| {c['peak_rss_mb']} | {r['bare_original']['peak_rss_mb']} | {r['rss_ratio_vs_bare_original']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("table", choices=["recipe", "flops", "cost"])
+    args = p.parse_args()
+    print({"recipe": recipe, "flops": flops, "cost": cost}[args.table]())
+
+
+if __name__ == "__main__":
+    main()
