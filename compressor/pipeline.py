@@ -18,7 +18,7 @@ from .data import LoadedData, load_data
 from .errors import ConfigError, DataError
 from .export import export_onnx
 from .loading import load_model
-from .preflight import check_prunable
+from .preflight import check_prunable, describe, summary
 from .progress import Progress
 
 
@@ -116,6 +116,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
                                memory=watchdog.memory_budget(config.trace_memory), progress=progress,
                                attention_pruning=config.attention_pruning)
         check_prunable(coupling)
+        preflight = describe(coupling)
+        progress.note(summary(preflight))
 
     with clock.stage("prune"):
         # The schedule prunes to one FLOPs ratio: the latency target, if any, is turned into one first.
@@ -184,6 +186,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
             onnx_bytes=exported.bytes, onnx_original_bytes=exported_original.bytes,
             stage_seconds=clock.seconds, device=str(device), versions=_versions(), warnings=notes,
             schedule=scheduled, requested_flops=config.target_flops, latency_search=latency_search,
-            layer_profile=layers)
+            layer_profile=layers,
+            preflight=dataclasses.replace(preflight, min_reachable_ratio=prune_result.min_reachable_ratio,
+                                          unsafe=dict(u.split(": ", 1) for u in prune_result.unsafe_groups)))
         report.write_reports(result, stage)
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -61,6 +62,35 @@ def check_prunable(graph: CouplingGraph) -> None:
                          hint="structured pruning needs convolution or linear layers whose width is not fixed by the output")
 
 
+def describe(graph: CouplingGraph) -> Inspection:
+    """What tracing found, without probing any pruned copy: FLOPs and parameters, groups, protected
+    layers, attention, frozen and unwrapped parameters (``compress`` reports this as its pre-flight;
+    the search adds the floor and the unsafe groups)."""
+    model = graph.model
+    cost = flops.measure(model, graph.example_input)
+    names = {p: n for n, p in model.named_parameters()}
+    return Inspection(
+        macs=cost.macs, params=cost.params,
+        groups=[GroupInfo(s.root, s.size, s.units, len(s.layers), s.heads_of) for s in graph.groups],
+        protected=dict(graph.protected), attention=list(graph.attention),
+        frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
+        unwrapped=sorted(names[p] for p, _ in graph.dg.unwrapped_parameters if p in names),
+        attention_pruning=graph.attention_pruning, heads=attention_heads(model),
+    )
+
+
+def summary(inspection: Inspection) -> str:
+    """One line for the progress output."""
+    parts = [f"{len(inspection.groups)} prunable groups", f"{len(inspection.protected)} protected layers"]
+    if inspection.attention:
+        parts.append(f"{len(inspection.attention)} attention modules ({inspection.attention_pruning})")
+    if inspection.frozen:
+        parts.append(f"{len(inspection.frozen)} frozen parameters (pruned, not fine-tuned)")
+    if inspection.unwrapped:
+        parts.append(f"{len(inspection.unwrapped)} unwrapped parameters")
+    return "pre-flight: " + ", ".join(parts)
+
+
 def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float = 0.75,
                   timeout: float | None = None, memory: int | None = None,
                   progress: Progress | None = None, attention_pruning: str = "dims") -> Inspection:
@@ -70,9 +100,6 @@ def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fr
     graph = trace(model, example_input, timeout=timeout, memory=memory, progress=progress,
                   attention_pruning=attention_pruning)
     check_prunable(graph)
-    cost = flops.measure(model, example_input)
-    names = {p: n for n, p in model.named_parameters()}
-    unwrapped = sorted(names[p] for p, _ in graph.dg.unwrapped_parameters if p in names)
     unsafe = pruning.unsafe_groups(graph, max_prune_fraction=max_prune_fraction)
     # The floor depends on the caps, not the scores; an unsafe group gets none, so it is not pruned.
     scores = [torch.full((spec.units,), math.nan) if spec.index in unsafe else torch.ones(spec.units)
@@ -81,12 +108,5 @@ def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fr
         floor = pruning.floor_ratio(graph, scores, max_prune_fraction=max_prune_fraction)
     except TargetUnreachableError:
         floor = None
-    return Inspection(
-        macs=cost.macs, params=cost.params,
-        groups=[GroupInfo(s.root, s.size, s.units, len(s.layers), s.heads_of) for s in graph.groups],
-        protected=dict(graph.protected), attention=list(graph.attention),
-        frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
-        unwrapped=unwrapped, min_reachable_ratio=floor,
-        unsafe={graph.groups[g].root: why for g, why in unsafe.items()},
-        attention_pruning=attention_pruning, heads=attention_heads(model),
-    )
+    return dataclasses.replace(describe(graph), min_reachable_ratio=floor,
+                               unsafe={graph.groups[g].root: why for g, why in unsafe.items()})

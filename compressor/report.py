@@ -10,6 +10,7 @@ from typing import Any
 from .data import DataInfo
 from .finetune import FinetuneResult
 from .latency import LatencySearchResult
+from .preflight import Inspection
 from .profile import LayerProfile
 from .pruning import PruneResult
 from .schedules import ScheduleResult
@@ -46,6 +47,8 @@ class CompressResult:
     """``--target-flops`` as given (None when only a latency target was)."""
     latency_search: LatencySearchResult | None = None
     layer_profile: LayerProfile | None = None
+    preflight: Inspection | None = None
+    """What tracing found (the pre-flight of ``compressor inspect``), with the search's floor and unsafe groups."""
 
 
 def not_faster(validation: ValidationResult) -> list[Latency]:
@@ -123,7 +126,15 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
         "targets": _targets(r),
         "layer_profile": _layer_profile(r.layer_profile),
         "attention": {"pruning": p.attention_pruning, "modules": [asdict(h) for h in p.heads]},
+        "preflight": _preflight(r.preflight),
     }
+
+
+def _preflight(i: Inspection | None) -> dict[str, Any] | None:
+    if i is None:
+        return None
+    return {"groups": len(i.groups), "protected": i.protected, "unsafe": i.unsafe, "attention": i.attention,
+            "frozen": i.frozen, "unwrapped": i.unwrapped, "min_reachable_ratio": i.min_reachable_ratio}
 
 
 def _targets(r: CompressResult) -> dict[str, Any]:
@@ -243,6 +254,19 @@ def to_markdown(r: CompressResult) -> str:
                   f"{'-' if e.accuracy_recalibrated is None else f'{e.accuracy_recalibrated:.2%}'} | {e.reason} |"
                   for e in r.schedule.events]
         lines += ["", "Details: `" + json.dumps(r.schedule.details) + "`"]
+    if r.preflight:
+        i = r.preflight
+        lines += ["", "## Pre-flight (what tracing found)", "",
+                  f"- {len(i.groups)} prunable groups; smallest reachable FLOPs ratio "
+                  f"{_opt(i.min_reachable_ratio)} at `--max-prune-per-group {r.max_prune_per_group:g}`"]
+        lines += [f"- protected `{name}`: {why}" for name, why in i.protected.items()]
+        lines += [f"- left unpruned `{name}` (pruning it breaks the model): {why}" for name, why in i.unsafe.items()]
+        if i.attention:
+            lines.append("- attention modules: " + ", ".join(f"`{a}`" for a in i.attention))
+        if i.frozen:
+            lines.append(f"- frozen parameters (pruned, not fine-tuned): {', '.join(f'`{n}`' for n in i.frozen)}")
+        if i.unwrapped:
+            lines.append(f"- unwrapped parameters (pruned with their groups): {', '.join(f'`{n}`' for n in i.unwrapped)}")
     lines += ["", "## Stages (seconds)", ""] + [f"- {k}: {v:.1f}" for k, v in r.stage_seconds.items()]
     if r.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in r.warnings]

@@ -28,6 +28,7 @@ REPORT_KEYS = [
     "onnx.bytes", "onnx.original_bytes", "onnx.max_abs_diff", "onnx.top1_agreement", "onnx.provider",
     "latency_ms.batch1.original", "latency_ms.batch1.compressed",
     "latency_ms.batch64.original", "latency_ms.batch64.compressed",
+    "preflight.groups", "preflight.protected", "preflight.min_reachable_ratio",
 ]
 METADATA_KEYS = {"flops_original", "flops_compressed", "params_original", "params_compressed", "criterion",
                  "input_shape", "mean", "std", "num_classes"}
@@ -91,6 +92,15 @@ def test_report_json_has_every_key(run):
             assert isinstance(value, dict) and part in value, f"report.json lacks {dotted}"
             value = value[part]
         assert value is not None, dotted
+
+
+def test_the_run_reports_its_preflight(run):
+    preflight = run["report"]["preflight"]
+    assert preflight["groups"] == len(run["report"]["search"]["layers"]) > 0
+    assert "fc" in preflight["protected"]  # the classifier keeps its outputs
+    assert preflight["min_reachable_ratio"] == run["report"]["flops"]["min_reachable_ratio"] < 0.5
+    assert "pre-flight:" in run["result"].stdout + run["result"].stderr
+    assert "## Pre-flight" in (run["out"] / "report.md").read_text()
 
 
 def test_report_figures_are_consistent(run):
