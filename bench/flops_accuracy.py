@@ -61,9 +61,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     wanted = set(args.models.split(",")) if args.models else None
-    rows = []
+    rows = json.loads(args.out.read_text()) if args.out.exists() else []  # a run that stopped goes on
+    done = {r["model"] for r in rows}
     for name, build in _models():
-        if wanted and name not in wanted and name.removeprefix("torchvision ") not in wanted:
+        if (wanted and name not in wanted and name.removeprefix("torchvision ") not in wanted) or name in done:
             continue
         model, example = build()
         start = time.perf_counter()
@@ -91,8 +92,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         print(f"# {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

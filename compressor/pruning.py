@@ -302,12 +302,21 @@ def unsafe_groups(graph: CouplingGraph, *, max_prune_fraction: float, round_to: 
 
 def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_fraction: float,
                 round_to: int = 1) -> float:
-    """The smallest MACs ratio the search can reach: every group pruned to its cap."""
+    """The smallest MACs ratio the search can reach: every group pruned to its cap, except the groups
+    whose pruning breaks the model (the search leaves those unpruned too, see :func:`screen_groups`)."""
     order = _chunks(graph.groups, scores, max_fraction=max_prune_fraction, round_to=round_to)
     if not order:
         raise TargetUnreachableError("nothing in the model can be pruned (every group is protected or capped)")
-    pruned = pruned_copy(graph, _plan(order))
-    return flops.measure(pruned, graph.example_input).macs / flops.measure(graph.model, graph.example_input).macs
+    try:
+        pruned = pruned_copy(graph, _plan(order))
+        macs = flops.measure(pruned, graph.example_input).macs
+    except Exception:  # as in the search: find the groups that break the model and go on without them
+        unsafe = screen_groups(graph, order)
+        order = [c for c in order if c[0] not in unsafe]
+        if not order:
+            raise TargetUnreachableError("nothing in the model can be pruned without breaking it") from None
+        macs = flops.measure(pruned_copy(graph, _plan(order)), graph.example_input).macs
+    return macs / flops.measure(graph.model, graph.example_input).macs
 
 
 def _fill(base, scores, groups, probe, *, lower, target, max_fraction, original_units):

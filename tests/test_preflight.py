@@ -99,3 +99,28 @@ def test_a_model_with_no_unsafe_group_lists_none():
     report = inspect_model(create_model("resnet20", num_classes=10, in_channels=1, image_size=16).eval(),
                            torch.randn(1, 1, 16, 16))
     assert report.unsafe == {}
+
+
+def test_compress_goes_round_a_group_that_breaks_the_model_and_reports_it(tmp_path):
+    import json
+
+    import numpy as np
+
+    from compressor.cli.compress import app
+    from helpers_arch import HardCodedWidth
+
+    torch.manual_seed(0)
+    torch.save(HardCodedWidth().state_dict(), tmp_path / "hard.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", images=rng.integers(0, 256, (60, 8, 8, 1), dtype=np.uint8),
+             labels=np.arange(60) % 3)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [str(tmp_path / "hard.pt"), "--arch", "helpers_arch:HardCodedWidth",
+                                      "--data", str(tmp_path / "data.npz"), "--target-flops", "0.5", "--epochs", "1",
+                                      "--round-to", "1", "--out", str(out)])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["preflight"]["unsafe"]) == ["conv1"]
+    assert 0.495 <= report["flops"]["achieved_ratio"] <= 0.5
+    assert any("conv1" in w and "left unpruned" in w for w in report["warnings"])
