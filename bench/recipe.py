@@ -148,12 +148,14 @@ def main() -> None:
                     if ("compress", variant, target, seed) in done:
                         continue
                     start = time.perf_counter()
-                    result = compress(CompressConfig(model_path=baseline, data_path=data_path, arch=args.model,
-                                                     target_flops=target, seed=seed, epochs=args.epochs, mean=(MEAN,),
-                                                     std=(STD,), out_dir=tmp / "run", overwrite=True, latency_runs=5,
-                                                     **overrides(variant)))
+                    config = CompressConfig(model_path=baseline, data_path=data_path, arch=args.model,
+                                            target_flops=target, seed=seed, epochs=args.epochs, mean=(MEAN,),
+                                            std=(STD,), out_dir=tmp / "run", overwrite=True, latency_runs=5,
+                                            **overrides(variant))
+                    result = compress(config)
                     record({"method": "compress", "variant": variant, "target": target, "seed": seed,
                             "flops_ratio": round(result.prune.achieved_ratio, 4), "round_to": result.prune.round_to,
+                            "lr": config.peak_lr,
                             "val": result.finetune.val_accuracy if result.finetune else None,
                             "test": test_accuracy(tmp / "run" / "model.onnx", test_x, test_y),
                             "test_original": test_accuracy(tmp / "run" / "original.onnx", test_x, test_y),
@@ -163,7 +165,7 @@ def main() -> None:
 
 
 def overrides(variant: str) -> dict:
-    """``CompressConfig`` fields of a variant: ``default``, ``roundN`` (``--round-to N``), ``nodistill``, ``schedule:NAME``,
+    """``CompressConfig`` fields of a variant: ``default``, ``roundN`` (``--round-to N``), ``nodistill``, ``lrX`` (``--lr X``), ``schedule:NAME``,
     ``criterion:NAME``."""
     if variant == "default":
         return {}
@@ -171,6 +173,8 @@ def overrides(variant: str) -> dict:
         return {"round_to": int(variant[5:])}
     if variant == "nodistill":
         return {"distill": False}
+    if variant.startswith("lr"):
+        return {"lr": float(variant[2:])}
     kind, _, name = variant.partition(":")
     if kind in ("schedule", "criterion") and name:
         return {kind: name}
