@@ -101,6 +101,8 @@ class _Watchdog(threading.Thread):
         self.armed = can_interrupt
         self.tripped: tuple[str, float] | None = None  # ("time", seconds) or ("memory", bytes)
         self.raised = False
+        self.blocking = True  # the guarded block is running
+        self.sent = self.received = 0  # our signals, to wait for those in flight before the handler goes
         self.previous = None
 
     def run(self) -> None:
@@ -108,20 +110,22 @@ class _Watchdog(threading.Thread):
         while True:
             elapsed = time.monotonic() - self.start_time
             rss = resident_bytes()
-            if self.seconds and elapsed >= self.seconds:
+            if self.tripped:
+                # Sent again until the block ends: a stop that lands in code with a bare ``except:``
+                # (the main thread runs whatever it runs when the signal arrives) is swallowed there.
+                self._interrupt(self.tripped)
+            elif self.seconds and elapsed >= self.seconds:
                 self._interrupt(("time", elapsed))
             elif self.memory and rss is not None and rss > self.memory:
                 self._interrupt(("memory", rss))
-            if self.tripped:
-                return
-            if self.progress is not None and elapsed >= next_beat:
+            if self.progress is not None and elapsed >= next_beat and not self.tripped:
                 try:
                     self.progress.heartbeat(self.label, seconds=elapsed, rss=rss)
                 except Exception:  # a broken progress sink must not take the budgets down with this thread
                     self.progress = None
                 while next_beat <= elapsed:
                     next_beat += HEARTBEAT_EVERY
-            wait = POLL if not self.seconds else max(min(POLL, self.seconds - elapsed), 0.001)
+            wait = POLL if not self.seconds or self.tripped else max(min(POLL, self.seconds - elapsed), 0.001)
             if self.finished.wait(wait):
                 return
 
@@ -129,20 +133,23 @@ class _Watchdog(threading.Thread):
         with self.lock:
             if not self.armed:
                 return
-            self.armed = False
-            self.tripped = why
+            self.tripped = self.tripped or why
+            self.sent += 1
             signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
 
     def handler(self, signum, frame) -> None:
-        if self.tripped and not self.raised:
-            self.raised = True
-            raise _Stop
-        if callable(self.previous):  # an alarm of someone else's (an outer timer): theirs to handle
+        if self.tripped:
+            self.received += 1
+            if self.blocking:  # once the block has ended the guard raises by itself: nothing to interrupt
+                self.raised = True
+                raise _Stop
+        elif callable(self.previous):  # an alarm of someone else's (an outer timer): theirs to handle
             self.previous(signum, frame)
 
     def stop(self) -> None:
         with self.lock:
             self.armed = False
+            self.blocking = False
         self.finished.set()
         if self.ident is not None:
             self.join()
@@ -172,9 +179,9 @@ def guard(what: str, *, seconds: float | None = None, memory: int | None = None,
             yield
         finally:
             dog.stop()
-            # The signal was sent but has not arrived yet: let it, while our handler is still installed.
+            # Signals sent but not arrived yet: let them, while our handler is still installed.
             deadline = time.monotonic() + 1.0
-            while dog.tripped and not dog.raised and time.monotonic() < deadline:
+            while dog.received < dog.sent and time.monotonic() < deadline:
                 time.sleep(0.01)
         if dog.tripped:
             raise _Stop

@@ -123,3 +123,16 @@ def test_the_default_memory_budget_leaves_room_to_grow():
     assert budget > watchdog.resident_bytes()
     assert watchdog.memory_budget(0) is None
     assert watchdog.memory_budget(1.5) == 3 * 2**29
+
+
+@needs_signals
+def test_a_stop_swallowed_by_a_bare_except_is_sent_again():
+    start = time.perf_counter()
+    with pytest.raises(BudgetError, match="took longer than 0.2 s"):
+        with watchdog.guard("a careless block", seconds=0.2):
+            try:
+                time.sleep(5)
+            except BaseException:  # noqa: BLE001  (what some libraries do)
+                pass
+            time.sleep(5)
+    assert time.perf_counter() - start < 3
