@@ -80,7 +80,7 @@ def inspect_command(
     def job():
         import torch
 
-        from compressor.config import check_trace_budgets
+        from compressor.config import check_attention_pruning, check_trace_budgets
         from compressor.errors import ConfigError
         from compressor.loading import load_model
         from compressor.preflight import inspect_model
@@ -93,8 +93,7 @@ def inspect_command(
         if len(shape) != 3 or min(shape) < 1:
             raise ConfigError(f"--input-shape takes three positive integers C,H,W, got {input_shape!r}")
         check_trace_budgets(trace_timeout, trace_memory)
-        if attention not in ("dims", "heads"):
-            raise ConfigError(f"--attention must be dims or heads, got {attention!r}")
+        check_attention_pruning(attention)
         loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, image_size=shape[-1])
         report = inspect_model(loaded.model, torch.zeros(1, *shape), max_prune_fraction=max_prune_per_group,
                                timeout=trace_timeout or None, memory=memory_budget(trace_memory),

@@ -9,6 +9,17 @@ from pathlib import Path
 from .errors import ConfigError
 
 
+ATTENTION_PRUNING = ("dims", "heads")
+"""How attention groups are pruned: head dimensions alike in every head, or whole heads."""
+
+
+def check_attention_pruning(value: str) -> None:
+    """Check ``--attention`` (``compress``, ``inspect`` and the graph's tracing all take it)."""
+    if value not in ATTENTION_PRUNING:
+        raise ConfigError(f"--attention must be dims or heads, got {value!r}",
+                          hint="dims prunes head dimensions alike in every head; heads removes whole heads")
+
+
 def check_trace_budgets(trace_timeout: float, trace_memory: float | None) -> None:
     """Check ``--trace-timeout`` and ``--trace-memory`` (``compress`` and ``inspect`` both take them)."""
     if not (math.isfinite(trace_timeout) and trace_timeout >= 0):
@@ -119,9 +130,7 @@ class CompressConfig:
             raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {self.max_prune_per_group}")
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
-        if self.attention_pruning not in ("dims", "heads"):
-            raise ConfigError(f"--attention must be dims or heads, got {self.attention_pruning!r}",
-                              hint="dims prunes head dimensions alike in every head; heads removes whole heads")
+        check_attention_pruning(self.attention_pruning)
         if self.epochs < 0:
             raise ConfigError(f"--epochs must be 0 or more, got {self.epochs}")
         if self.batch_size < 1:

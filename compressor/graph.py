@@ -22,12 +22,11 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch import nn
 
 from . import watchdog
-from .errors import ConfigError, GraphError
+from .config import check_attention_pruning
+from .errors import GraphError
 from .progress import Progress
 
 ROOT_TYPES = (nn.Conv2d, nn.Conv1d, nn.Linear)
-ATTENTION_PRUNING = ("dims", "heads")
-"""How attention groups are pruned: head dimensions alike in every head, or whole heads."""
 
 
 @dataclass(frozen=True)
@@ -383,8 +382,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str, 
 
     ``attention_pruning`` (``"dims"`` or ``"heads"``) sets the unit of the attention groups.
     """
-    if attention_pruning not in ATTENTION_PRUNING:
-        raise ConfigError(f"--attention must be dims or heads, got {attention_pruning!r}")
+    check_attention_pruning(attention_pruning)
     with watchdog.guard(TRACING, seconds=timeout, memory=memory, progress=progress, label="tracing",
                         time_hint="raise --trace-timeout (0 disables it), or protect the layers that make the graph "
                                   "large (torch-pruning's tracing grows with every coupled reshape and concatenation)",
