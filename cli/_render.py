@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
+import signal
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
@@ -13,6 +15,8 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from compressor.progress import Progress
 
 err = Console(stderr=True)
 out = Console()
@@ -46,8 +50,8 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
-class RichProgress:
-    """The library's progress protocol drawn with rich, on stderr."""
+class RichProgress(Progress):
+    """The library's progress events drawn with rich, on stderr."""
 
     def __init__(self, console: Console = err) -> None:
         self.console = console
@@ -102,5 +106,24 @@ def alert_panel(messages: list[str]) -> Panel:
                  border_style="bold red", title_align="left")
 
 
-def is_tty() -> bool:
-    return sys.stderr.isatty()
+
+@contextlib.contextmanager
+def cancel_on_sigint() -> Iterator[threading.Event]:
+    """A cancel token that the first Ctrl-C sets (the run stops at its next check with ``Cancelled``);
+    a second Ctrl-C interrupts at once. Outside the main thread, the token only."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield cancel
+        return
+
+    def handler(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        err.print("cancelling at the next check (Ctrl-C again to interrupt at once)", highlight=False)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ._render import RichProgress, alert_panel, before_after_table, err, out, quiet_library_warnings, run_guarded
+from ._render import (RichProgress, alert_panel, before_after_table, cancel_on_sigint, err, out, quiet_library_warnings,
+                      run_guarded)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -86,6 +89,8 @@ def compress(
                                                           "available].")] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per model at batch 1 (a third of that at batch 64).")] = 30,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
+    json_events: Annotated[Optional[str], typer.Option(help="Also write the run's progress events as JSON lines to "
+                                                       "this file ('-': stderr, instead of the progress display).")] = None,
 ) -> None:
     """Prune MODEL structurally to a FLOPs and/or latency target, fine-tune it for one cycle, and export a smaller,
     validated ONNX model with a report."""
@@ -106,7 +111,8 @@ def compress(
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
             overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs)
-        result = run(config, progress=RichProgress())
+        with _event_sink(json_events) as sink, cancel_on_sigint() as cancel:
+            result = run(config, progress=sink, cancel=cancel)
         speed = alerts(result)
         if json_output:
             out.print_json(json.dumps(to_dict(result)))
@@ -121,6 +127,24 @@ def compress(
             out.print(f"Wrote {result.out_dir}/: model.onnx, original.onnx, model.pt, report.json, report.md", highlight=False)
 
     run_guarded(job)
+
+
+@contextlib.contextmanager
+def _event_sink(path: Optional[str]):
+    """The rich display, and a JSON-lines writer where --json-events asks for one."""
+    from compressor.events import JsonLines, Tee
+
+    if path is None:
+        yield RichProgress()
+    elif path == "-":
+        yield JsonLines(sys.stderr)
+    else:
+        try:
+            stream = open(path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise typer.BadParameter(f"--json-events {path}: {exc.strerror}") from None
+        with stream:
+            yield Tee(RichProgress(), JsonLines(stream))
 
 
 def main() -> None:

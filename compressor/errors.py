@@ -45,10 +45,6 @@ class TargetUnreachableError(CompressorError):
     """The FLOPs target lies below the smallest ratio that structured pruning can reach."""
 
 
-class TrainingError(CompressorError):
-    """Fine-tuning failed (a non-finite loss, for instance)."""
-
-
 class ExportError(CompressorError):
     """The model could not be exported to ONNX, or the ONNX file failed its check."""
 
@@ -59,3 +55,13 @@ class ValidationError(CompressorError):
 
 class OutputExistsError(CompressorError):
     """The output directory exists and --overwrite was not given."""
+
+
+class Cancelled(CompressorError):
+    """The run was cancelled (a cancel token was set, or Ctrl-C); nothing was written."""
+
+    exit_code = 130
+
+
+class ParityError(CompressorError):
+    """The exported ONNX model's outputs differ from PyTorch's by more than the parity tolerance."""

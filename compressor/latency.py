@@ -266,7 +266,7 @@ def resolve_target(
 
     def prune(r: float) -> tuple[nn.Module, pruning.PruneResult]:
         return pruning.search(graph, scores, target_ratio=r, max_prune_fraction=config.max_prune_per_group,
-                              round_to=round_to)
+                              round_to=round_to, on_probe=lambda n, ratio: progress.check_cancel())
 
     progress.task(f"search for the latency target (batch {config.latency_batch})", MAX_PROBES)
     result = search_latency(prune, timer, target=config.target_latency, floor=floor,

@@ -19,20 +19,20 @@ from .errors import ConfigError, DataError
 from .export import export_onnx
 from .loading import load_model
 from .preflight import check_prunable, describe, summary
+from .events import CancelToken, EventStream
 from .progress import Progress
 
 
 class _Clock:
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, events: EventStream) -> None:
         self.seconds: dict[str, float] = {}
-        self.progress = progress
+        self.events = events
 
     @contextmanager
     def stage(self, name: str):
-        self.progress.stage(name)
-        start = time.perf_counter()
+        self.events.stage_started(name)
         yield
-        self.seconds[name] = round(time.perf_counter() - start, 3)
+        self.seconds[name] = self.events.stage_finished(name)
 
 
 def check_fit(model: nn.Module, data: LoadedData) -> int:
@@ -89,9 +89,15 @@ def _versions() -> dict[str, str]:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def compress(config: CompressConfig, *, progress: Progress | None = None) -> report.CompressResult:
-    """Load, trace, prune to the FLOPs target, fine-tune, export, validate and report."""
-    progress = progress or Progress()
+def compress(config: CompressConfig, *, progress: Progress | None = None,
+             cancel: CancelToken | None = None) -> report.CompressResult:
+    """Load, trace, prune to the FLOPs target, fine-tune, export, validate and report.
+
+    ``progress`` is the sink of the run's events (:mod:`compressor.events`); ``cancel`` a
+    ``threading.Event`` (or anything with ``is_set()``) that stops the run with ``Cancelled``,
+    checked between optimiser steps, search probes, latency candidates and validation batches.
+    """
+    progress = EventStream.wrap(progress, cancel)
     clock = _Clock(progress)
     out = config.output_dir
     outputs.check_output_dir(out, overwrite=config.overwrite, inputs=(config.model_path, config.data_path))
@@ -169,11 +175,14 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         with clock.stage("validate"):
             validation = validate.validate(stage / "original.onnx", stage / "model.onnx", reference_logits=reference,
                                            val_x=data.val_x, val_y=data.val_y, device=config.device,
-                                           runs=config.latency_runs, batches=tuple(sorted({1, 64, config.latency_batch})))
+                                           runs=config.latency_runs, batches=tuple(sorted({1, 64, config.latency_batch})),
+                                           check=progress.check_cancel)
             layers = profile.layer_profile(original, pruned, stage / "original.onnx", stage / "model.onnx",
                                            example_input=example, sample=data.val_x[:64], batch=config.latency_batch,
                                            device=config.device)
         notes += report.speed_warnings(validation, latency_search, round_to=round_to)
+        for warning in notes:
+            progress.warning(warning)
         result = report.CompressResult(
             out_dir=out,
             model={"source": str(config.model_path), "kind": loaded.kind, "arch": loaded.arch,

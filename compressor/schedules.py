@@ -219,7 +219,7 @@ class Run:
         pruned, result = pruning.search(
             graph, scores, target_ratio=relative, max_prune_fraction=c.max_prune_per_group, round_to=c.round_to,
             original_units=self.original_units,
-            on_probe=None if quiet else (lambda n, r: self.progress.advance(1, flops_ratio=r)))
+            on_probe=(lambda n, r: self.progress.check_cancel()) if quiet else (lambda n, r: self.progress.advance(1, flops_ratio=r)))
         if not quiet:
             self.progress.done()
         self._results.append(result)

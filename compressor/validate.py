@@ -114,15 +114,19 @@ def open_session(model: bytes | Path, *, device: str = "auto", threads: int | No
     return session
 
 
-def run(session: Any, x: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
-    """Outputs of ``session`` on ``x``, batched."""
-    outs = [session.run(None, {INPUT_NAME: x[i : i + batch_size].numpy()})[0] for i in range(0, len(x), batch_size)]
+def run(session: Any, x: torch.Tensor, *, batch_size: int = 64, check: Callable[[], None] | None = None) -> np.ndarray:
+    """Outputs of ``session`` on ``x``, batched; ``check`` (the cancel check) is called before each batch."""
+    outs = []
+    for i in range(0, len(x), batch_size):
+        if check is not None:
+            check()
+        outs.append(session.run(None, {INPUT_NAME: x[i : i + batch_size].numpy()})[0])
     return np.concatenate(outs)
 
 
-def parity(session: Any, reference: torch.Tensor, x: torch.Tensor) -> Parity:
+def parity(session: Any, reference: torch.Tensor, x: torch.Tensor, *, check: Callable[[], None] | None = None) -> Parity:
     """Compare ONNX outputs on ``x`` with the PyTorch ``reference`` logits."""
-    out = run(session, x)
+    out = run(session, x, check=check)
     ref = reference.numpy()
     if out.shape != ref.shape:
         raise ValidationError(f"ONNX output shape {out.shape} differs from PyTorch's {ref.shape}")
@@ -133,8 +137,8 @@ def parity(session: Any, reference: torch.Tensor, x: torch.Tensor) -> Parity:
     )
 
 
-def onnx_accuracy(session: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((run(session, x).argmax(1) == y.numpy()).mean())
+def onnx_accuracy(session: Any, x: torch.Tensor, y: torch.Tensor, *, check: Callable[[], None] | None = None) -> float:
+    return float((run(session, x, check=check).argmax(1) == y.numpy()).mean())
 
 
 def feed_for(sample: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
@@ -143,7 +147,8 @@ def feed_for(sample: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
     return {INPUT_NAME: sample.repeat(reps, 1, 1, 1)[:batch].numpy()}
 
 
-def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs: int, warmup: int = 5) -> list[list[float]]:
+def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs: int, warmup: int = 5,
+                      check: Callable[[], None] | None = None) -> list[list[float]]:
     """Milliseconds of ``runs`` runs of each session on ``feed``, timed interleaved so drift hits all alike.
 
     The order rotates from one round to the next, so no session always runs on a warmer cache.
@@ -153,6 +158,8 @@ def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs:
             session.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
     for i in range(runs):
+        if check is not None:
+            check()
         order = list(range(len(sessions)))
         order = order[i % len(order):] + order[: i % len(order)]
         for k in order:
@@ -168,9 +175,10 @@ def iqr(values: list[float]) -> float:
     return q[2] - q[0]
 
 
-def latency(original: Any, compressed: Any, sample: torch.Tensor, *, batch: int, runs: int, warmup: int = 5) -> Latency:
+def latency(original: Any, compressed: Any, sample: torch.Tensor, *, batch: int, runs: int, warmup: int = 5,
+            check: Callable[[], None] | None = None) -> Latency:
     """Median latency of both sessions on one batch, timed interleaved."""
-    o, c = interleaved_times([original, compressed], feed_for(sample, batch), runs=runs, warmup=warmup)
+    o, c = interleaved_times([original, compressed], feed_for(sample, batch), runs=runs, warmup=warmup, check=check)
     return Latency(batch=batch, original_ms=statistics.median(o), compressed_ms=statistics.median(c),
                    original_spread_ms=iqr(o), compressed_spread_ms=iqr(c), runs=runs)
 
@@ -185,18 +193,20 @@ def validate(
     device: str,
     batches: tuple[int, ...] = (1, 64),
     runs: int = 30,
+    check: Callable[[], None] | None = None,
 ) -> ValidationResult:
-    """Parity, accuracy and latency of the compressed model against the original, in one process."""
+    """Parity, accuracy and latency of the compressed model against the original, in one process;
+    ``check`` (the cancel check) is called between batches."""
     original = open_session(original_onnx, device=device)
     compressed = open_session(compressed_onnx, device=device)
     provider = compressed.get_providers()[0]
-    result_parity = parity(compressed, reference_logits, val_x)
-    lat = [latency(original, compressed, val_x[:64], batch=b, runs=runs if b == 1 else max(5, runs // 3))
+    result_parity = parity(compressed, reference_logits, val_x, check=check)
+    lat = [latency(original, compressed, val_x[:64], batch=b, runs=runs if b == 1 else max(5, runs // 3), check=check)
            for b in batches]
     return ValidationResult(
         provider=provider,
         parity=result_parity,
-        accuracy_original=onnx_accuracy(original, val_x, val_y),
-        accuracy_compressed=onnx_accuracy(compressed, val_x, val_y),
+        accuracy_original=onnx_accuracy(original, val_x, val_y, check=check),
+        accuracy_compressed=onnx_accuracy(compressed, val_x, val_y, check=check),
         latency=lat,
     )

@@ -63,7 +63,7 @@ def run(tmp_path_factory):
     model_bytes = model.read_bytes()
     out = root / "out"
 
-    result = _invoke(_args(model, data, out))
+    result = _invoke(_args(model, data, out, "--json-events", str(root / "events.jsonl")))
 
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     return {"result": result, "out": out, "root": root, "model": model, "model_bytes": model_bytes,
@@ -78,6 +78,21 @@ def test_run_succeeds_and_writes_exactly_the_outputs(run):
     assert "FLOPs (MACs)" in result.stdout
     assert "Wrote" in result.stdout
     assert "Traceback" not in result.output
+
+
+def test_the_event_stream_has_every_stage_start_and_end_in_order(run):
+    events = [json.loads(line) for line in (run["root"] / "events.jsonl").read_text().splitlines()]
+    assert all(isinstance(e["time"], float) for e in events)
+    assert [e["time"] for e in events] == sorted(e["time"] for e in events)
+    stages = [(e["type"], e["name"]) for e in events if e["type"].startswith("stage_")]
+    names = ["load", "trace", "prune", "fine-tune", "export", "validate"]
+    assert stages == [(kind, name) for name in names for kind in ("stage_started", "stage_finished")]
+    assert {e["name"]: e["seconds"] for e in events if e["type"] == "stage_finished"} == run["report"]["stages_seconds"]
+    steps = [e for e in events if e["type"] == "task_progress" and e["description"].startswith("fine-tune")]
+    assert steps and steps[-1]["done"] == steps[-1]["total"] and steps[-1]["eta_seconds"] == 0
+    assert "loss" in steps[-1]["metrics"]
+    kinds = {e["type"] for e in events}
+    assert {"task_started", "task_finished", "note"} <= kinds
 
 
 def test_run_leaves_the_input_model_untouched(run):
