@@ -78,7 +78,6 @@ class CouplingGraph:
     """Module name -> why it is never pruned."""
     attention: list[str] = field(default_factory=list)
     """Names of attention modules whose head attributes are patched after pruning."""
-    num_heads: dict[nn.Module, int] = field(default_factory=dict)
     attention_pruning: str = "dims"
     """``"dims"`` or ``"heads"``: the unit of the attention groups (see the module docstring)."""
 
@@ -401,10 +400,6 @@ def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str,
         protected[classifier] = "classifier (its width is the number of classes)"
     for name in protect:
         protected.setdefault(name, "protected by the user")
-    attention = _attention_modules(model)
-    num_heads = _head_blocks(attention)
-    owners = {_head_module(m): name for name, m in attention.items()}
-    ignored = [model.get_submodule(name) for name in protected]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -413,6 +408,24 @@ def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str,
                                      unwrapped_parameters=unwrapped_parameters(model, dg))
     except Exception as exc:
         raise GraphError(f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
+    return _grouped(model, dg, example_input[:1], protected, attention_pruning)
+
+
+def regroup(graph: CouplingGraph) -> CouplingGraph:
+    """The groups of ``graph.model`` after it was pruned through ``graph.dg``, without tracing again.
+
+    torch-pruning keeps its dependency graph valid across prunes (its own iterative pruners reuse
+    one): the index mappings are updated from the pruned shapes, so only the group list is listed anew.
+    """
+    return _grouped(graph.model, graph.dg, graph.example_input, dict(graph.protected), graph.attention_pruning)
+
+
+def _grouped(model: nn.Module, dg: tp.DependencyGraph, example_input: torch.Tensor, protected: dict[str, str],
+             attention_pruning: str) -> CouplingGraph:
+    attention = _attention_modules(model)
+    num_heads = _head_blocks(attention)
+    owners = {_head_module(m): name for name, m in attention.items()}
+    ignored = [model.get_submodule(name) for name in protected]
 
     names = {m: n for n, m in model.named_modules()}
     specs: list[GroupSpec] = []
@@ -454,5 +467,4 @@ def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str,
     for m, why in failed.items():
         protected.setdefault(names[m], why)
     return CouplingGraph(model=model, dg=dg, example_input=example_input[:1], groups=specs,
-                         protected=protected, attention=list(attention), num_heads=num_heads,
-                         attention_pruning=attention_pruning)
+                         protected=protected, attention=list(attention), attention_pruning=attention_pruning)

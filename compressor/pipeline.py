@@ -137,7 +137,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
         acc_original = ft.accuracy(original, data.val_x, data.val_y)
         run = schedules.Run(original=original, data=data, config=resolved, criterion=criterion,
                             settings=_finetune_settings(config), device=device, progress=progress,
-                            groups=coupling.groups)
+                            graph=coupling)
         run.start(schedule)
 
     with clock.stage("fine-tune"):

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from torch import nn
 from . import flops
 from .criteria import ChannelCosts, Criterion, needs_channel_costs
 from .errors import GraphError, TargetUnreachableError
-from .graph import CouplingGraph, GroupSpec, attention_heads, drop_heads, patch_attention, trace
+from .graph import CouplingGraph, GroupSpec, attention_heads, drop_heads, patch_attention, regroup, trace
 
 TOLERANCE = 0.01
 """The achieved FLOPs ratio must lie in [target * (1 - TOLERANCE), target]."""
@@ -154,15 +155,13 @@ def apply_plan(graph: CouplingGraph, plan: PruningPlan) -> None:
     patch_attention(graph.model)
 
 
-def pruned_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
-    """A pruned deep copy of ``graph.model``; the original is untouched.
+def copy_graph(graph: CouplingGraph) -> CouplingGraph:
+    """A deep copy of ``graph`` with its model: one ``copy.deepcopy``, so the copied graph points at
+    the copied modules and can prune them without tracing the copy.
 
-    The model is copied together with its traced graph (one ``copy.deepcopy``, so the copied graph
-    points at the copied modules) and the copy is pruned as the physical prune prunes: the copy is
-    not traced again. Tracing is most of a probe's time on large graphs (a Swin's thousands of
-    reshapes: about 30 s a probe on two cores). The pruner instances (torch-pruning compares pruning
-    functions by them, some module-level), the autograd nodes the trace kept and torch-pruning's ops
-    module are shared, not copied.
+    The pruner instances (torch-pruning compares pruning functions by them, some module-level), the
+    autograd nodes the trace kept and torch-pruning's ops module are shared, not copied. Raises
+    ``RecursionError`` where the graph is too deep to copy.
     """
     memo: dict[int, object] = {}
     shared = [graph.dg.ops, *graph.dg.REGISTERED_PRUNERS.values(), *graph.dg.CUSTOMIZED_PRUNERS.values()]
@@ -177,24 +176,42 @@ def pruned_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 20 * len(graph.dg.module2node) + 1000))
     try:
-        twin = copy.deepcopy(graph, memo)
-    except RecursionError:
-        return pruned_copy_by_tracing(graph, plan)
+        return copy.deepcopy(graph, memo)
     finally:
         sys.setrecursionlimit(limit)
+
+
+def pruned_graph(graph: CouplingGraph, plan: PruningPlan) -> CouplingGraph:
+    """A copy of ``graph`` (:func:`copy_graph`) pruned by ``plan``, its groups listed anew; the original
+    is untouched. Tracing is most of a probe's time on large graphs (a Swin's thousands of reshapes),
+    so the copy is not traced again (except where it is too deep to copy: :func:`pruned_copy_by_tracing`)."""
+    try:
+        twin = copy_graph(graph)
+    except RecursionError:
+        return pruned_copy_by_tracing(graph, plan)
+    apply_plan(twin, plan)
+    return regroup(twin)
+
+
+def pruned_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
+    """A pruned deep copy of ``graph.model`` (see :func:`pruned_graph`); the original is untouched."""
+    try:
+        twin = copy_graph(graph)
+    except RecursionError:
+        return pruned_copy_by_tracing(graph, plan).model
     apply_plan(twin, plan)
     return twin.model
 
 
-def pruned_copy_by_tracing(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
-    """:func:`pruned_copy` by tracing the copy and pruning it as the physical prune does (slower)."""
+def pruned_copy_by_tracing(graph: CouplingGraph, plan: PruningPlan) -> CouplingGraph:
+    """:func:`pruned_graph` by tracing the copy and pruning it as the physical prune does (slower)."""
     model = copy.deepcopy(graph.model)
-    copy_graph = trace(model, graph.example_input, protect=tuple(graph.protected),
-                       attention_pruning=graph.attention_pruning)
-    if [(s.root, s.handler, s.size) for s in copy_graph.groups] != [(s.root, s.handler, s.size) for s in graph.groups]:
+    traced = trace(model, graph.example_input, protect=tuple(graph.protected),
+                   attention_pruning=graph.attention_pruning)
+    if [(s.root, s.handler, s.size) for s in traced.groups] != [(s.root, s.handler, s.size) for s in graph.groups]:
         raise GraphError("tracing a copy of the model gave different groups; the model's forward is not deterministic")
-    apply_plan(copy_graph, plan)
-    return model
+    apply_plan(traced, plan)
+    return regroup(traced)
 
 
 Chunk = tuple[int, tuple[int, ...]]
@@ -364,11 +381,13 @@ def search(
     round_to: int = 1,
     on_probe: Callable[[int, float], None] | None = None,
     original_units: dict[str, int] | None = None,
-) -> tuple[nn.Module, PruneResult]:
+    with_graph: bool = False,
+) -> tuple[Any, PruneResult]:
     """Prune a copy of ``graph.model`` to ``target_ratio`` of its MACs; return it with the result.
 
     ``original_units`` (group root -> units before any pruning) makes the per-group cap count from
-    the original widths when ``graph.model`` has been pruned before.
+    the original widths when ``graph.model`` has been pruned before. ``with_graph``: return the pruned
+    copy's :class:`CouplingGraph` (its groups listed anew, not traced) instead of the bare model.
     """
     start = time.perf_counter()
     original = flops.measure(graph.model, graph.example_input)
@@ -376,7 +395,7 @@ def search(
                     original_units=original_units)
     probes = 0
     off_multiple: list[str] = []
-    cache: dict[tuple, tuple[nn.Module, flops.Cost]] = {}
+    cache: dict[tuple, tuple[nn.Module, flops.Cost, CouplingGraph | None]] = {}
 
     closest: list = [None, -1.0]  # the plan closest below the target seen so far, and its ratio
 
@@ -385,10 +404,14 @@ def search(
         key = tuple(sorted(chunks))
         if key not in cache:
             probes += 1
-            model = pruned_copy(graph, _plan(chunks))
+            try:
+                twin = copy_graph(graph)
+                apply_plan(twin, _plan(chunks))
+            except RecursionError:
+                twin = pruned_copy_by_tracing(graph, _plan(chunks))
             cache.clear()  # keep one pruned copy in memory at a time
-            cache[key] = (model, flops.measure(model, graph.example_input))
-        model, cost = cache[key]
+            cache[key] = (twin.model, flops.measure(twin.model, graph.example_input), twin)
+        model, cost, _ = cache[key]
         ratio = cost.macs / original.macs
         if ratio <= target_ratio and ratio > closest[1]:
             closest[:] = [list(chunks), ratio]
@@ -476,4 +499,8 @@ def search(
         attention_pruning=graph.attention_pruning,
         heads=head_changes(graph.model, model),
     )
+    if with_graph:
+        cached = cache.get(tuple(sorted(chosen)))
+        twin = cached[2] if cached is not None and cached[0] is model else pruned_graph(graph, plan)
+        return regroup(twin), result
     return model, result

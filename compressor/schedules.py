@@ -132,8 +132,9 @@ class Run:
 
     def __init__(self, *, original: nn.Module, data: LoadedData, config: CompressConfig, criterion: Criterion,
                  settings: FinetuneSettings, device: torch.device, progress: Progress | None = None,
-                 groups: list[GroupSpec] | None = None) -> None:
-        """``groups``: the original model's groups, where it has been traced already."""
+                 graph: CouplingGraph | None = None) -> None:
+        """``graph``: the original model's coupling graph, where it has been traced already (the run
+        works on a copy of it, made with the model's copy; it is traced here only where it is not given)."""
         self.original = original
         self.data = data
         self.config = config
@@ -141,19 +142,24 @@ class Run:
         self.progress = progress or Progress()
         self.target = config.target_flops
         self.device = device
-        model = copy.deepcopy(original)
+        example = data.val_x[:1]
+        if graph is None:
+            graph = trace(copy.deepcopy(original), example, attention_pruning=config.attention_pruning)
+        elif graph.model is not original:
+            raise ValueError("graph must be the coupling graph of original")
+        self._graph: CouplingGraph | None = pruning.copy_graph(graph)
+        """The current model's coupling graph: a copy of the original's, pruned along with the model."""
+        self._planned: tuple[nn.Module, CouplingGraph] | None = None
+        model = self._graph.model
         if config.from_scratch:
             reinitialise(model)
         self.cycle = Cycle(model, data, settings, teacher=original if config.distill else None, device=device,
                            progress=self.progress)
         self.events: list[PruneEvent] = []
-        self._graph: CouplingGraph | None = None
         self._costs: list[float] | None = None
         self._results: list[pruning.PruneResult] = []
-        example = data.val_x[:1]
         self.original_cost = flops.measure(original, example)
-        self.groups = groups if groups is not None else trace(copy.deepcopy(original), example,
-                                                              attention_pruning=config.attention_pruning).groups
+        self.groups = graph.groups
         """The original model's groups (the widths every later cap counts from)."""
         self.original_units = {spec.root: spec.units for spec in self.groups}
 
@@ -192,12 +198,14 @@ class Run:
     # -- what a schedule can do ----------------------------------------------------------------------------
 
     def graph(self) -> CouplingGraph:
-        """The coupling graph of the current model (traced again after each physical prune)."""
+        """The coupling graph of the current model: the run's one trace, pruned along with the model
+        (never traced again; see :meth:`prune`)."""
+        if self._graph is None or self._graph.model is not self.model:
+            raise GraphError("the run's model was replaced other than by Run.prune with a model from Run.plan; "
+                             "its coupling graph is unknown")
         example = self._example()
-        if self._graph is None or self._graph.model is not self.model or self._graph.example_input.device != example.device:
-            self._graph = trace(self.model, example, attention_pruning=self.config.attention_pruning)
-            self._costs = None
-            self.model.train()
+        if self._graph.example_input.device != example.device:
+            self._graph = dataclasses.replace(self._graph, example_input=example)
         return self._graph
 
     def plan(self, ratio: float, *, quiet: bool = False) -> tuple[nn.Module, pruning.PruneResult] | None:
@@ -216,25 +224,34 @@ class Run:
         self.model.zero_grad(set_to_none=True)
         if not quiet:
             self.progress.task(f"search for {ratio:.3f} of the FLOPs", 0)
-        pruned, result = pruning.search(
+        pruned_graph, result = pruning.search(
             graph, scores, target_ratio=relative, max_prune_fraction=c.max_prune_per_group, round_to=c.round_to,
-            original_units=self.original_units,
+            original_units=self.original_units, with_graph=True,
             on_probe=(lambda n, r: self.progress.check_cancel()) if quiet else (lambda n, r: self.progress.advance(1, flops_ratio=r)))
         if not quiet:
             self.progress.done()
         self._results.append(result)
+        self._planned = (pruned_graph.model, pruned_graph)
         self.model.train(training)
-        return pruned, result
+        return pruned_graph.model, result
+
+    def pruned(self, plan: pruning.PruningPlan) -> nn.Module:
+        """A copy of the current model pruned by ``plan`` (of :meth:`graph`'s groups), for :meth:`prune`."""
+        twin = pruning.pruned_graph(self.graph(), plan)
+        self._planned = (twin.model, twin)
+        return twin.model
 
     def prune(self, pruned: nn.Module, *, reason: str) -> PruneEvent:
-        """Continue the cycle with ``pruned`` (from :meth:`plan`): recalibrate its batch norms, fresh
-        optimiser state, and record the accuracy just before and just after."""
+        """Continue the cycle with ``pruned`` (from :meth:`plan` or :meth:`pruned`): recalibrate its batch
+        norms, fresh optimiser state, and record the accuracy just before and just after."""
         before = self.accuracy()
         pruned.to(self.device)
         after = accuracy(pruned, self.data.val_x, self.data.val_y, device=self.device)
         recalibrated = None
         if self.config.bn_recalibration and recalibrate_bn(pruned, self.data.train_x, batch_size=self.config.batch_size):
             recalibrated = accuracy(pruned, self.data.val_x, self.data.val_y, device=self.device)
+        self._graph = self._graph_of(pruned)
+        self._costs = None
         self.cycle.replace_model(pruned)  # the state a non-finite loss falls back to: recalibrated
         event = PruneEvent(step=self.step, epoch=round(self.cycle.epoch_progress, 3), flops_ratio=self.flops_ratio(),
                            accuracy_before=before, accuracy_after=after, accuracy_recalibrated=recalibrated,
@@ -244,6 +261,18 @@ class Run:
                            f"accuracy {before:.2%} -> {after:.2%}"
                            + (f", {recalibrated:.2%} after batch-norm recalibration" if recalibrated is not None else ""))
         return event
+
+    def _graph_of(self, pruned: nn.Module) -> CouplingGraph:
+        """The coupling graph of ``pruned``: the one :meth:`plan` made with it, else (a model pruned some
+        other way, e.g. ``pruning.pruned_copy`` of :meth:`graph`) traced, under the run's tracing budgets."""
+        if self._planned is not None and self._planned[0] is pruned:
+            graph, self._planned = self._planned[1], None
+            return graph
+        from . import watchdog
+
+        c = self.config
+        return trace(pruned, self.data.val_x[:1].to(next(pruned.parameters()).device), timeout=c.trace_timeout or None,
+                     memory=watchdog.memory_budget(c.trace_memory), attention_pruning=c.attention_pruning)
 
     def prune_to(self, ratio: float, *, reason: str) -> PruneEvent | None:
         """:meth:`plan` then :meth:`prune`."""

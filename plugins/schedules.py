@@ -8,7 +8,7 @@ from typing import Any
 
 from compressor.config import CompressConfig
 from compressor.masks import ChannelMask
-from compressor.pruning import PruningPlan, pruned_copy
+from compressor.pruning import PruningPlan
 from compressor.schedules import BaseSchedule, Run
 
 
@@ -207,7 +207,7 @@ class Cyclical(BaseSchedule):
         self._done = True
         if self._mask is not None and self._mask_ratio <= run.target:
             # The masked model already computes what the pruned one will: prune exactly the mask.
-            run.prune(pruned_copy(run.graph(), self._mask.plan), reason=f"cyclical: end of cycle {self.cycles}")
+            run.prune(run.pruned(self._mask.plan), reason=f"cyclical: end of cycle {self.cycles}")
         else:
             if self._mask is not None:
                 self._mask.release()
