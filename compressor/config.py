@@ -113,6 +113,8 @@ class CompressConfig:
     an error (0: no limit; default: what it holds when tracing starts plus 90% of the memory available)."""
     latency_runs: int = 30
     """Timed runs per model at batch 1 (a third of that, at least 5, at batch 64)."""
+    parity_tolerance: float | None = None
+    """Largest ONNX-vs-PyTorch logit difference accepted, relative to the largest logit (None: the provider's default)."""
 
     def __post_init__(self) -> None:
         if self.target_flops is None and self.target_latency is None:
@@ -152,6 +154,8 @@ class CompressConfig:
         if (self.mean is None) != (self.std is None):
             raise ConfigError("--mean and --std must be given together")
         check_trace_budgets(self.trace_timeout, self.trace_memory)
+        if self.parity_tolerance is not None and not self.parity_tolerance > 0:
+            raise ConfigError(f"--parity-tolerance must be a positive number, got {self.parity_tolerance}")
         if self.latency_runs < 1:
             raise ConfigError(f"--latency-runs must be at least 1, got {self.latency_runs}")
         if self.schedule_span is not None and not 0 < self.schedule_span <= 1:

@@ -7,6 +7,16 @@ never exits the process itself.
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int | None = None, *, with_type: bool = True) -> str:
+    """``exc`` on one line: its type (unless ``with_type`` is false) and the first line of its message,
+    cut at ``limit`` characters. The one way errors of other code are quoted in ours."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0][:limit] if lines and limit else lines[0] if lines else ""
+    if not with_type:
+        return first or type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 class CompressorError(Exception):
     """Base class: something the user can fix. ``hint`` says how, when we know."""
 

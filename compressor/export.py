@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ExportError
+from .errors import ExportError, one_line
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -107,7 +107,7 @@ def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int =
     except Exception as exc:
         op = _unsupported_op(exc)
         where = f" (unsupported operator {op})" if op else ""
-        raise ExportError(f"ONNX export failed{where}: {str(exc).splitlines()[0][:300]}",
+        raise ExportError(f"ONNX export failed{where}: {one_line(exc, 300, with_type=False)}",
                           hint="rewrite or replace that operation, or try a newer torch") from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
@@ -126,7 +126,7 @@ def export_onnx(model: nn.Module, path: Path, *, example_input: torch.Tensor,
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        raise ExportError(f"the exported ONNX model failed onnx.checker: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"the exported ONNX model failed onnx.checker: {one_line(exc, with_type=False)}") from exc
     data = proto.SerializeToString()
     path.write_bytes(data)
     return ExportResult(path=path, bytes=len(data), opset=opset)

@@ -190,39 +190,63 @@ def round_to_for(config: CompressConfig) -> int:
     return DEFAULT_ROUND_TO.get(providers_for(config.device)[0], 8)
 
 
+@dataclass(frozen=True)
+class Rounding:
+    """The multiple channel counts are rounded to, the floor at it, and why it is below the default."""
+
+    round_to: int
+    floor: pruning.Floor
+    note: str | None
+    """None where the multiple is the default or was given."""
+
+
 def fit_round_to(graph: CouplingGraph, config: CompressConfig) -> tuple[int, str | None]:
-    """The multiple channel counts are rounded to, and why it is below the default (None where it is not).
+    """:func:`fit_rounding`'s multiple and note."""
+    r = fit_rounding(graph, config)
+    return r.round_to, r.note
+
+
+def fit_rounding(graph: CouplingGraph, config: CompressConfig) -> Rounding:
+    """The multiple channel counts are rounded to, the floor at it (computed once here), and why the
+    multiple is below the default.
 
     An explicit ``--round-to`` is kept as given. The default multiple (:func:`round_to_for`) is lowered
     where the FLOPs target needs finer widths (:func:`coarsest_reaching`).
     """
     default = round_to_for(config)
+    floors: dict[int, pruning.Floor | None] = {}
     if config.round_to is not None or config.target_flops is None:
-        return default, None
+        return Rounding(default, pruning.floor(graph, max_prune_fraction=config.max_prune_per_group, round_to=default),
+                        None)
     round_to, floor = coarsest_reaching(graph, config.target_flops, start=default,
-                                        max_prune_fraction=config.max_prune_per_group)
+                                        max_prune_fraction=config.max_prune_per_group, floors=floors)
+    at = floors.get(round_to) or pruning.floor(graph, max_prune_fraction=config.max_prune_per_group, round_to=round_to)
     if round_to == default:
-        return default, None
-    return round_to, (f"channel counts are rounded to multiples of {round_to}, not {default} (the default on this "
+        return Rounding(default, at, None)
+    return Rounding(round_to, at, f"channel counts are rounded to multiples of {round_to}, not {default} (the default on this "
                       f"execution provider): at {default} the smallest reachable FLOPs ratio is {floor:.3f}, above "
                       f"--target-flops {config.target_flops:g}. Pass --round-to to choose the multiple")
 
 
-def coarsest_reaching(graph: CouplingGraph, target: float, *, start: int, max_prune_fraction: float) -> tuple[int, float]:
+def coarsest_reaching(graph: CouplingGraph, target: float, *, start: int, max_prune_fraction: float,
+                      floors: dict[int, pruning.Floor | None] | None = None) -> tuple[int, float]:
     """``start`` halved while ``target`` lies below the smallest FLOPs ratio reachable with it; also that
     smallest ratio at ``start``.
 
     A model with thin layers (ResNet-20's 16-channel first stage cannot lose a channel at 16) would
     otherwise refuse targets it can reach with finer widths; a coarse multiple is a default chosen for
-    speed, not a requirement.
+    speed, not a requirement. ``floors``, where given, receives each multiple's :func:`pruning.floor`
+    (None where nothing can be pruned at it).
     """
-    ones = [torch.ones(spec.units) for spec in graph.groups]  # the floor depends on the caps, not the scores
+    floors = {} if floors is None else floors
 
     def floor(multiple: int) -> float:
         try:
-            return pruning.floor_ratio(graph, ones, max_prune_fraction=max_prune_fraction, round_to=multiple)
+            floors[multiple] = pruning.floor(graph, max_prune_fraction=max_prune_fraction, round_to=multiple)
         except TargetUnreachableError:
+            floors[multiple] = None
             return 1.0
+        return floors[multiple].ratio
 
     round_to, first = start, floor(start)
     reachable = first <= target
@@ -241,13 +265,14 @@ def resolve_target(
     round_to: int,
     progress: Progress | None = None,
     timer: Timer | None = None,
+    floor: pruning.Floor | None = None,
 ) -> tuple[float, LatencySearchResult | None]:
     """The FLOPs ratio to prune to, and the latency search behind it (None without ``--target-latency``).
 
     The candidates are ranked by ``criterion`` on the original weights, as the one-shot schedule ranks
     them; schedules that prune later, on fine-tuned weights, can land on other widths, which is why
     validation measures the latency again. ``timer`` replaces the onnxruntime timing (tests inject a
-    deterministic one).
+    deterministic one). ``floor``: :func:`pruning.floor` at ``round_to``, where it is known already.
     """
     if config.target_latency is None:
         assert config.target_flops is not None  # the config guarantees one of the two
@@ -262,14 +287,15 @@ def resolve_target(
                           runs=config.latency_runs if config.latency_batch == 1 else max(5, config.latency_runs // 3),
                           device=config.device)
     provider = getattr(timer, "provider", "injected timer")
-    floor = pruning.floor_ratio(graph, scores, max_prune_fraction=config.max_prune_per_group, round_to=round_to)
+    if floor is None or floor.round_to != round_to:
+        floor = pruning.floor(graph, max_prune_fraction=config.max_prune_per_group, round_to=round_to, scores=scores)
 
     def prune(r: float) -> tuple[nn.Module, pruning.PruneResult]:
         return pruning.search(graph, scores, target_ratio=r, max_prune_fraction=config.max_prune_per_group,
-                              round_to=round_to, on_probe=lambda n, ratio: progress.check_cancel())
+                              round_to=round_to, on_probe=lambda n, ratio: progress.check_cancel(), known_floor=floor)
 
     progress.task(f"search for the latency target (batch {config.latency_batch})", MAX_PROBES)
-    result = search_latency(prune, timer, target=config.target_latency, floor=floor,
+    result = search_latency(prune, timer, target=config.target_latency, floor=floor.ratio,
                             flops_cap=config.target_flops, batch=config.latency_batch, provider=provider,
                             on_probe=lambda p: progress.advance(1, flops_ratio=p.flops_ratio,
                                                                 latency_ratio=p.latency_ratio))

@@ -4,26 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import (__version__, checkpoint, criteria, finetune as ft, graph, latency, outputs, profile, pruning, report,
-               schedules, validate, watchdog)
+from . import (__version__, checkpoint, criteria, finetune as ft, graph, outputs, profile, pruning, report, schedules,
+               validate, watchdog)
 from .calibration import activation_stats, calibrate, prepare_criterion  # noqa: F401  (public here too)
 from .config import CompressConfig
 from .data import LoadedData, load_data
-from .errors import ConfigError, DataError
-from .export import export_onnx
-from .loading import load_model
-from .preflight import check_prunable, describe, summary
+from .errors import ConfigError, DataError, one_line
+from .export import ExportResult, export_onnx
+from .loading import LoadedModel, load_model
+from .preflight import Inspection, check_prunable, describe, summary
+from .resolve import Resolved, resolve
 from .events import CancelToken, EventStream
 from .progress import Progress
 
 
 class _Clock:
+    """Stage timings, booked where the work happens (see :meth:`book`)."""
+
     def __init__(self, events: EventStream) -> None:
         self.seconds: dict[str, float] = {}
         self.events = events
@@ -34,6 +39,37 @@ class _Clock:
         yield
         self.seconds[name] = self.events.stage_finished(name)
 
+    def book(self, seconds: float, *, from_stage: str, to_stage: str) -> None:
+        """Move ``seconds`` of work done inside ``from_stage`` to the stage it belongs to."""
+        moved = min(round(seconds, 3), self.seconds.get(from_stage, 0.0))
+        self.seconds[from_stage] = round(self.seconds.get(from_stage, 0.0) - moved, 3)
+        self.seconds[to_stage] = round(self.seconds.get(to_stage, 0.0) + moved, 3)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The load stage's result."""
+
+    data: LoadedData
+    model: LoadedModel
+    classes: int
+    criterion: criteria.Criterion
+    schedule: schedules.Schedule
+
+
+@dataclass(frozen=True)
+class Traced:
+    """The trace stage's result: the run's one coupling graph of the original model."""
+
+    graph: graph.CouplingGraph
+    preflight: Inspection
+
+
+@dataclass(frozen=True)
+class Exported:
+    compressed: ExportResult
+    original: ExportResult
+
 
 def check_fit(model: nn.Module, data: LoadedData) -> int:
     """Run the model on a few images; return its class count or say why the data does not fit."""
@@ -42,7 +78,7 @@ def check_fit(model: nn.Module, data: LoadedData) -> int:
             out = model.eval()(data.val_x[:2])
     except Exception as exc:
         raise DataError(f"the model fails on the data's images of shape {tuple(data.info.input_shape)}: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                        f"{one_line(exc, 200)}",
                         hint="check the channel count and image size the model expects") from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise DataError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; a classifier giving (batch, classes) logits is expected")
@@ -53,7 +89,8 @@ def check_fit(model: nn.Module, data: LoadedData) -> int:
     return classes
 
 
-def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedData, classes: int) -> dict[str, str]:
+def _metadata(config: CompressConfig, resolved: Resolved, result: pruning.PruneResult, data: LoadedData,
+              classes: int) -> dict[str, str]:
     return {
         "producer": f"compressor {__version__}",
         "criterion": config.criterion,
@@ -70,7 +107,16 @@ def _metadata(config: CompressConfig, result: pruning.PruneResult, data: LoadedD
         "std": json.dumps(list(data.info.std)),
         "num_classes": str(classes),
         "class_names": json.dumps(list(data.info.class_names) if data.info.class_names else None),
+        "requested": json.dumps(_requested(config)),
+        "resolved": json.dumps(resolved.to_dict()),
     }
+
+
+def _requested(config: CompressConfig) -> dict[str, Any]:
+    """The targets and rounding as the user asked for them."""
+    return {"target_flops": config.target_flops, "target_latency": config.target_latency,
+            "latency_batch": config.latency_batch, "round_to": config.round_to,
+            "max_prune_per_group": config.max_prune_per_group}
 
 
 def _finetune_settings(config: CompressConfig) -> ft.FinetuneSettings:
@@ -97,106 +143,142 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
     ``threading.Event`` (or anything with ``is_set()``) that stops the run with ``Cancelled``,
     checked between optimiser steps, search probes, latency candidates and validation batches.
     """
-    progress = EventStream.wrap(progress, cancel)
-    clock = _Clock(progress)
-    out = config.output_dir
-    outputs.check_output_dir(out, overwrite=config.overwrite, inputs=(config.model_path, config.data_path))
+    events = EventStream.wrap(progress, cancel)
+    clock = _Clock(events)
+    outputs.check_output_dir(config.output_dir, overwrite=config.overwrite, inputs=(config.model_path, config.data_path))
     torch.manual_seed(config.seed)
+    device = _device(config)
+    with clock.stage("load"):
+        loaded = _load(config)
+    with clock.stage("trace"):
+        traced = _trace(config, loaded, events)
+    with clock.stage("prune"):
+        resolved = resolve(traced.graph, config, criterion=loaded.criterion, data=loaded.data, progress=events)
+        acc_original = ft.accuracy(loaded.model.model, loaded.data.val_x, loaded.data.val_y)
+        run = _run(config, loaded, traced, resolved, device, events)
+        run.start(loaded.schedule)
+    pruning_before = run.prune_seconds
+    with clock.stage("fine-tune"):
+        scheduled = run.finish(loaded.schedule, config.schedule)
+    clock.book(run.prune_seconds - pruning_before, from_stage="fine-tune", to_stage="prune")
+    # The pruned model's logits serve twice: its accuracy, and the reference the ONNX export must match.
+    reference = ft.predict(scheduled.model, loaded.data.val_x)
+    with outputs.staged_output(config.output_dir, overwrite=config.overwrite) as stage:
+        with clock.stage("export"):
+            exported = _export(config, loaded, resolved, scheduled, reference, acc_original, stage)
+        with clock.stage("validate"):
+            validation, layers = _validate(config, loaded, scheduled, reference, stage, events)
+        result = _result(config, loaded, traced, resolved, scheduled, reference, acc_original, exported,
+                         validation, layers, clock.seconds, device)
+        for warning in result.warnings + result.speed_warnings:
+            events.warning(warning)
+        report.write_reports(result, stage)
+    return result
+
+
+def _device(config: CompressConfig) -> torch.device:
     device = ft.resolve_device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no usable GPU", hint="use --device auto or cpu")
-    notes: list[str] = []
+    return device
 
-    with clock.stage("load"):
-        data = load_data(config.data_path, val_fraction=config.val_fraction, seed=config.seed,
-                         mean=config.mean, std=config.std)
-        loaded = load_model(config.model_path, arch=config.arch, trust_pickle=config.trust_pickle,
-                            image_size=data.info.input_shape[-1])
-        original = loaded.model
-        classes = check_fit(original, data)
-        criterion = criteria.get_criterion(config.criterion)
-        schedule = schedules.get_schedule(config.schedule, config)
 
-    with clock.stage("trace"):
-        coupling = graph.trace(original, data.val_x[:1], timeout=config.trace_timeout or None,
-                               memory=watchdog.memory_budget(config.trace_memory), progress=progress,
-                               attention_pruning=config.attention_pruning)
-        check_prunable(coupling)
-        preflight = describe(coupling)
-        progress.note(summary(preflight))
+def _load(config: CompressConfig) -> Loaded:
+    data = load_data(config.data_path, val_fraction=config.val_fraction, seed=config.seed, mean=config.mean,
+                     std=config.std)
+    model = load_model(config.model_path, arch=config.arch, trust_pickle=config.trust_pickle,
+                       image_size=data.info.input_shape[-1])
+    return Loaded(data=data, model=model, classes=check_fit(model.model, data),
+                  criterion=criteria.get_criterion(config.criterion),
+                  schedule=schedules.get_schedule(config.schedule, config))
 
-    with clock.stage("prune"):
-        # The schedule prunes to one FLOPs ratio: the latency target, if any, is turned into one first.
-        round_to, rounding_note = latency.fit_round_to(coupling, config)
-        if rounding_note:
-            notes.append(rounding_note)
-            progress.note(rounding_note)
-        flops_ratio, latency_search = latency.resolve_target(coupling, config, criterion=criterion, data=data,
-                                                             round_to=round_to, progress=progress)
-        resolved = dataclasses.replace(config, target_flops=flops_ratio, round_to=round_to)
-        acc_original = ft.accuracy(original, data.val_x, data.val_y)
-        run = schedules.Run(original=original, data=data, config=resolved, criterion=criterion,
-                            settings=_finetune_settings(config), device=device, progress=progress,
-                            graph=coupling)
-        run.start(schedule)
 
-    with clock.stage("fine-tune"):
-        scheduled = run.finish(schedule, config.schedule)
-    pruned, prune_result, finetune_result = scheduled.model, scheduled.prune, scheduled.finetune
-    for unsafe in prune_result.unsafe_groups:
-        notes.append(f"group {unsafe} broke the model when pruned; it was left unpruned")
-    if prune_result.off_multiple:
-        notes.append(f"to land within 1% of the FLOPs target, group {prune_result.off_multiple[0]} keeps a width "
-                     f"that is not a multiple of --round-to {round_to}")
-    if prune_result.achieved_ratio < prune_result.target_ratio * (1 - pruning.TOLERANCE):
-        notes.append(f"the achieved FLOPs ratio {prune_result.achieved_ratio:.4f} is more than 1% below the target "
-                     f"{prune_result.target_ratio:g}: no plan with the channels left after the schedule's earlier prunes "
+def _trace(config: CompressConfig, loaded: Loaded, events: EventStream) -> Traced:
+    coupling = graph.trace(loaded.model.model, loaded.data.val_x[:1], timeout=config.trace_timeout or None,
+                           memory=watchdog.memory_budget(config.trace_memory), progress=events,
+                           attention_pruning=config.attention_pruning)
+    check_prunable(coupling)
+    preflight = describe(coupling)
+    events.note(summary(preflight))
+    return Traced(graph=coupling, preflight=preflight)
+
+
+def _run(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Resolved, device: torch.device,
+         events: EventStream) -> schedules.Run:
+    return schedules.Run(original=loaded.model.model, data=loaded.data, config=config, criterion=loaded.criterion,
+                         settings=_finetune_settings(config), device=device, progress=events, graph=traced.graph,
+                         target=resolved.flops_ratio, round_to=resolved.round_to, floor=resolved.floor)
+
+
+def _export(config: CompressConfig, loaded: Loaded, resolved: Resolved, scheduled: schedules.ScheduleResult,
+            reference: torch.Tensor, acc_original: float, stage: Path) -> Exported:
+    data, example = loaded.data, loaded.data.val_x[:1]
+    meta = _metadata(config, resolved, scheduled.prune, data, loaded.classes)
+    acc_compressed = _accuracy(reference, data)
+    compressed = export_onnx(scheduled.model, stage / "model.onnx", example_input=example,
+                             metadata={**meta, "model": "compressed", "accuracy_val": f"{acc_compressed:.6f}"})
+    original = export_onnx(loaded.model.model, stage / "original.onnx", example_input=example,
+                           metadata={**meta, "model": "original", "accuracy_val": f"{acc_original:.6f}"})
+    checkpoint.save_pruned(scheduled.model, stage / "model.pt", arch=loaded.model.arch, extra={
+        "input_shape": list(data.info.input_shape), "mean": list(data.info.mean), "std": list(data.info.std),
+        "num_classes": loaded.classes, "criterion": config.criterion, "schedule": config.schedule,
+        "target_flops": config.target_flops, "requested": _requested(config), "resolved": resolved.to_dict()})
+    return Exported(compressed=compressed, original=original)
+
+
+def _accuracy(logits: torch.Tensor, data: LoadedData) -> float:
+    return (logits.argmax(1) == data.val_y).float().mean().item()
+
+
+def _validate(config: CompressConfig, loaded: Loaded, scheduled: schedules.ScheduleResult, reference: torch.Tensor,
+              stage: Path, events: EventStream) -> tuple[validate.ValidationResult, profile.LayerProfile]:
+    data = loaded.data
+    validation = validate.validate(stage / "original.onnx", stage / "model.onnx", reference_logits=reference,
+                                   val_x=data.val_x, val_y=data.val_y, device=config.device, runs=config.latency_runs,
+                                   batches=tuple(sorted({1, 64, config.latency_batch})), check=events.check_cancel,
+                                   parity_tolerance=config.parity_tolerance)
+    layers = profile.layer_profile(loaded.model.model, scheduled.model, stage / "original.onnx", stage / "model.onnx",
+                                   example_input=data.val_x[:1], sample=data.val_x[:64], batch=config.latency_batch,
+                                   device=config.device)
+    return validation, layers
+
+
+def _notes(resolved: Resolved, scheduled: schedules.ScheduleResult) -> list[str]:
+    """The run's warnings other than the speed warnings, in the order the stages raise them."""
+    prune, finetune = scheduled.prune, scheduled.finetune
+    notes = [resolved.rounding_note] if resolved.rounding_note else []
+    notes += [f"group {unsafe} broke the model when pruned; it was left unpruned" for unsafe in prune.unsafe_groups]
+    if prune.off_multiple:
+        notes.append(f"to land within 1% of the FLOPs target, group {prune.off_multiple[0]} keeps a width "
+                     f"that is not a multiple of --round-to {resolved.round_to}")
+    if prune.achieved_ratio < prune.target_ratio * (1 - pruning.TOLERANCE):
+        notes.append(f"the achieved FLOPs ratio {prune.achieved_ratio:.4f} is more than 1% below the target "
+                     f"{prune.target_ratio:g}: no plan with the channels left after the schedule's earlier prunes "
                      "landed closer")
-    if finetune_result is not None and finetune_result.stopped_early:
-        notes.append(f"fine-tuning stopped early: {finetune_result.stopped_early}")
+    if finetune is not None and finetune.stopped_early:
+        notes.append(f"fine-tuning stopped early: {finetune.stopped_early}")
+    return notes
+
+
+def _result(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Resolved,
+            scheduled: schedules.ScheduleResult, reference: torch.Tensor, acc_original: float, exported: Exported,
+            validation: validate.ValidationResult, layers: profile.LayerProfile, seconds: dict[str, float],
+            device: torch.device) -> report.CompressResult:
     final_prune = scheduled.events[-1]
-    # The pruned model's logits serve twice: its accuracy, and the reference the ONNX export must match.
-    reference = ft.predict(pruned, data.val_x)
-    acc_compressed = (reference.argmax(1) == data.val_y).float().mean().item()
-
-    with outputs.staged_output(out, overwrite=config.overwrite) as stage:
-        with clock.stage("export"):
-            example = data.val_x[:1]
-            meta = _metadata(config, prune_result, data, classes)
-            exported = export_onnx(pruned, stage / "model.onnx", example_input=example,
-                                   metadata={**meta, "model": "compressed", "accuracy_val": f"{acc_compressed:.6f}"})
-            exported_original = export_onnx(original, stage / "original.onnx", example_input=example,
-                                            metadata={**meta, "model": "original", "accuracy_val": f"{acc_original:.6f}"})
-            checkpoint.save_pruned(pruned, stage / "model.pt", arch=loaded.arch, extra={
-                "input_shape": list(data.info.input_shape), "mean": list(data.info.mean), "std": list(data.info.std),
-                "num_classes": classes, "criterion": config.criterion, "schedule": config.schedule,
-                "target_flops": config.target_flops})
-
-        with clock.stage("validate"):
-            validation = validate.validate(stage / "original.onnx", stage / "model.onnx", reference_logits=reference,
-                                           val_x=data.val_x, val_y=data.val_y, device=config.device,
-                                           runs=config.latency_runs, batches=tuple(sorted({1, 64, config.latency_batch})),
-                                           check=progress.check_cancel)
-            layers = profile.layer_profile(original, pruned, stage / "original.onnx", stage / "model.onnx",
-                                           example_input=example, sample=data.val_x[:64], batch=config.latency_batch,
-                                           device=config.device)
-        notes += report.speed_warnings(validation, latency_search, round_to=round_to)
-        for warning in notes:
-            progress.warning(warning)
-        result = report.CompressResult(
-            out_dir=out,
-            model={"source": str(config.model_path), "kind": loaded.kind, "arch": loaded.arch,
-                   "num_classes": classes},
-            data=data.info, criterion=config.criterion, max_prune_per_group=config.max_prune_per_group,
-            prune=prune_result,
-            accuracy_original=acc_original, accuracy_pruned_before_finetune=final_prune.accuracy_after,
-            accuracy_pruned_recalibrated=final_prune.accuracy_recalibrated,
-            accuracy_compressed=acc_compressed, finetune=finetune_result, validation=validation,
-            onnx_bytes=exported.bytes, onnx_original_bytes=exported_original.bytes,
-            stage_seconds=clock.seconds, device=str(device), versions=_versions(), warnings=notes,
-            schedule=scheduled, requested_flops=config.target_flops, latency_search=latency_search,
-            layer_profile=layers,
-            preflight=dataclasses.replace(preflight, min_reachable_ratio=prune_result.min_reachable_ratio,
-                                          unsafe=dict(u.split(": ", 1) for u in prune_result.unsafe_groups)))
-        report.write_reports(result, stage)
-    return result
+    return report.CompressResult(
+        out_dir=config.output_dir,
+        model={"source": str(config.model_path), "kind": loaded.model.kind, "arch": loaded.model.arch,
+               "num_classes": loaded.classes},
+        data=loaded.data.info, criterion=config.criterion, max_prune_per_group=config.max_prune_per_group,
+        prune=scheduled.prune,
+        accuracy_original=acc_original, accuracy_pruned_before_finetune=final_prune.accuracy_after,
+        accuracy_pruned_recalibrated=final_prune.accuracy_recalibrated,
+        accuracy_compressed=_accuracy(reference, loaded.data), finetune=scheduled.finetune, validation=validation,
+        onnx_bytes=exported.compressed.bytes, onnx_original_bytes=exported.original.bytes,
+        stage_seconds=seconds, device=str(device), versions=_versions(), warnings=_notes(resolved, scheduled),
+        speed_warnings=report.speed_warnings(validation, resolved.latency_search, round_to=resolved.round_to),
+        schedule=scheduled, requested_flops=config.target_flops, latency_search=resolved.latency_search,
+        layer_profile=layers,
+        preflight=dataclasses.replace(traced.preflight, min_reachable_ratio=resolved.floor.ratio,
+                                      unsafe=dict(resolved.unsafe)),
+        resolved=resolved)

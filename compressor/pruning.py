@@ -23,7 +23,7 @@ from torch import nn
 
 from . import flops
 from .criteria import ChannelCosts, Criterion, needs_channel_costs
-from .errors import GraphError, TargetUnreachableError
+from .errors import GraphError, TargetUnreachableError, one_line
 from .graph import CouplingGraph, GroupSpec, attention_heads, drop_heads, patch_attention, regroup, trace
 
 TOLERANCE = 0.01
@@ -87,12 +87,17 @@ class PruneResult:
     round_to: int = 1
     off_multiple: list[str] = field(default_factory=list)
     """Groups whose kept width is not a multiple of ``round_to``: the target could not be met otherwise."""
-    unsafe_groups: list[str] = field(default_factory=list)
-    """Groups left unpruned because pruning them broke the model ("root: why")."""
+    unsafe: dict[str, str] = field(default_factory=dict)
+    """Groups left unpruned because pruning them broke the model: root -> why."""
     attention_pruning: str = "dims"
     """What an attention group's unit was: ``"dims"`` (head dimensions) or ``"heads"`` (whole heads)."""
     heads: list[HeadChange] = field(default_factory=list)
     """Per attention module, heads and ``head_dim`` before and after."""
+
+    @property
+    def unsafe_groups(self) -> list[str]:
+        """:attr:`unsafe` as the report writes it ("root: why")."""
+        return [f"{root}: {why}" for root, why in self.unsafe.items()]
 
 
 def score_groups(graph: CouplingGraph, criterion: Criterion, *, costs: list[float] | None = None) -> list[torch.Tensor]:
@@ -188,7 +193,7 @@ def pruned_graph(graph: CouplingGraph, plan: PruningPlan) -> CouplingGraph:
     try:
         twin = copy_graph(graph)
     except RecursionError:
-        return pruned_copy_by_tracing(graph, plan)
+        return _pruned_graph_by_tracing(graph, plan)
     apply_plan(twin, plan)
     return regroup(twin)
 
@@ -198,13 +203,17 @@ def pruned_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
     try:
         twin = copy_graph(graph)
     except RecursionError:
-        return pruned_copy_by_tracing(graph, plan).model
+        return pruned_copy_by_tracing(graph, plan)
     apply_plan(twin, plan)
     return twin.model
 
 
-def pruned_copy_by_tracing(graph: CouplingGraph, plan: PruningPlan) -> CouplingGraph:
-    """:func:`pruned_graph` by tracing the copy and pruning it as the physical prune does (slower)."""
+def pruned_copy_by_tracing(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
+    """:func:`pruned_copy` by tracing the copy and pruning it as the physical prune does (slower)."""
+    return _pruned_graph_by_tracing(graph, plan).model
+
+
+def _pruned_graph_by_tracing(graph: CouplingGraph, plan: PruningPlan) -> CouplingGraph:
     model = copy.deepcopy(graph.model)
     traced = trace(model, graph.example_input, protect=tuple(graph.protected),
                    attention_pruning=graph.attention_pruning)
@@ -281,7 +290,7 @@ def _breaks(graph: CouplingGraph, chunks: list[Chunk]) -> str | None:
         with torch.no_grad():
             model(graph.example_input)
     except Exception as exc:  # any failure of a third-party model's forward counts
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+        return one_line(exc, 160)
     return None
 
 
@@ -317,13 +326,38 @@ def unsafe_groups(graph: CouplingGraph, *, max_prune_fraction: float, round_to: 
     return screen_groups(graph, order)
 
 
-def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_fraction: float,
-                round_to: int = 1) -> float:
-    """The smallest MACs ratio the search can reach: every group pruned to its cap, except the groups
-    whose pruning breaks the model (the search leaves those unpruned too, see :func:`screen_groups`)."""
+@dataclass(frozen=True)
+class Floor:
+    """The smallest MACs ratio the search can reach at a rounding and cap, and the groups left out for it."""
+
+    ratio: float
+    unsafe: dict[int, str]
+    """Group index -> why pruning it breaks the model (the search leaves those unpruned)."""
+    round_to: int
+    max_prune_fraction: float
+
+    def unsafe_by_root(self, graph: CouplingGraph) -> dict[str, str]:
+        return {graph.groups[g].root: why for g, why in self.unsafe.items()}
+
+
+def unreachable(target: float, floor: float, *, max_prune_fraction: float) -> TargetUnreachableError:
+    """The error of a FLOPs target below the smallest reachable ratio (the one builder of it)."""
+    return TargetUnreachableError(
+        f"--target-flops {target:g} is unreachable: the smallest reachable ratio is {floor:.3f} "
+        f"(at most {max_prune_fraction:.0%} of each group's channels can be removed)",
+        hint=f"ask for {math.ceil(floor * 1000) / 1000:g} or more, or raise --max-prune-per-group")
+
+
+def floor(graph: CouplingGraph, *, max_prune_fraction: float, round_to: int = 1,
+          scores: list[torch.Tensor] | None = None) -> Floor:
+    """Every group pruned to its cap, except the groups whose pruning breaks the model (found by
+    :func:`screen_groups`): the smallest ratio, and those groups. The ratio depends on the caps, not
+    on the scores (``scores`` only choose which channels the probe removes)."""
+    scores = scores if scores is not None else [torch.ones(spec.units) for spec in graph.groups]
     order = _chunks(graph.groups, scores, max_fraction=max_prune_fraction, round_to=round_to)
     if not order:
         raise TargetUnreachableError("nothing in the model can be pruned (every group is protected or capped)")
+    unsafe: dict[int, str] = {}
     try:
         pruned = pruned_copy(graph, _plan(order))
         macs = flops.measure(pruned, graph.example_input).macs
@@ -331,9 +365,17 @@ def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_f
         unsafe = screen_groups(graph, order)
         order = [c for c in order if c[0] not in unsafe]
         if not order:
-            raise TargetUnreachableError("nothing in the model can be pruned without breaking it") from None
+            raise TargetUnreachableError("nothing in the model can be pruned without breaking it: "
+                                         + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
         macs = flops.measure(pruned_copy(graph, _plan(order)), graph.example_input).macs
-    return macs / flops.measure(graph.model, graph.example_input).macs
+    return Floor(ratio=macs / flops.measure(graph.model, graph.example_input).macs, unsafe=unsafe, round_to=round_to,
+                 max_prune_fraction=max_prune_fraction)
+
+
+def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_fraction: float,
+                round_to: int = 1) -> float:
+    """The smallest MACs ratio the search can reach (:func:`floor`)."""
+    return floor(graph, max_prune_fraction=max_prune_fraction, round_to=round_to, scores=scores).ratio
 
 
 def _fill(base, scores, groups, probe, *, lower, target, max_fraction, original_units):
@@ -382,12 +424,15 @@ def search(
     on_probe: Callable[[int, float], None] | None = None,
     original_units: dict[str, int] | None = None,
     with_graph: bool = False,
+    known_floor: Floor | None = None,
 ) -> tuple[Any, PruneResult]:
     """Prune a copy of ``graph.model`` to ``target_ratio`` of its MACs; return it with the result.
 
     ``original_units`` (group root -> units before any pruning) makes the per-group cap count from
     the original widths when ``graph.model`` has been pruned before. ``with_graph``: return the pruned
     copy's :class:`CouplingGraph` (its groups listed anew, not traced) instead of the bare model.
+    ``known_floor``: :func:`floor` of this graph at this cap and rounding, where the run computed it
+    already (the search then skips its own first probe).
     """
     start = time.perf_counter()
     original = flops.measure(graph.model, graph.example_input)
@@ -408,7 +453,7 @@ def search(
                 twin = copy_graph(graph)
                 apply_plan(twin, _plan(chunks))
             except RecursionError:
-                twin = pruned_copy_by_tracing(graph, _plan(chunks))
+                twin = _pruned_graph_by_tracing(graph, _plan(chunks))
             cache.clear()  # keep one pruned copy in memory at a time
             cache[key] = (twin.model, flops.measure(twin.model, graph.example_input), twin)
         model, cost, _ = cache[key]
@@ -422,21 +467,24 @@ def search(
     if not order:
         raise TargetUnreachableError("nothing in the model can be pruned (every group is protected or capped)")
     unsafe: dict[int, str] = {}
-    try:
-        _, floor_ratio = probe(order)  # counting the MACs runs the forward
-    except Exception:  # some group breaks the model: find it and go on without it
-        unsafe = screen_groups(graph, order)
+    if known_floor is not None and (known_floor.round_to, known_floor.max_prune_fraction) == (round_to, max_prune_fraction):
+        unsafe = dict(known_floor.unsafe)
         order = [c for c in order if c[0] not in unsafe]
+        floor_ratio = known_floor.ratio
         if not order:
-            raise TargetUnreachableError("nothing in the model can be pruned without breaking it: "
-                                         + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
-        _, floor_ratio = probe(order)
+            raise TargetUnreachableError("nothing in the model can be pruned without breaking it")
+    else:
+        try:
+            _, floor_ratio = probe(order)  # counting the MACs runs the forward
+        except Exception:  # some group breaks the model: find it and go on without it
+            unsafe = screen_groups(graph, order)
+            order = [c for c in order if c[0] not in unsafe]
+            if not order:
+                raise TargetUnreachableError("nothing in the model can be pruned without breaking it: "
+                                             + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
+            _, floor_ratio = probe(order)
     if floor_ratio > target_ratio:
-        raise TargetUnreachableError(
-            f"--target-flops {target_ratio:g} is unreachable: the smallest reachable ratio is {floor_ratio:.3f} "
-            f"(at most {max_prune_fraction:.0%} of each group's channels can be removed)",
-            hint=f"ask for {math.ceil(floor_ratio * 1000) / 1000:g} or more, or raise --max-prune-per-group",
-        )
+        raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction)
 
     lo, hi = 0, len(order)  # ratio(lo) > target >= ratio(hi)
     while hi - lo > 1:
@@ -495,7 +543,7 @@ def search(
         layers=layers,
         round_to=round_to,
         off_multiple=off_multiple,
-        unsafe_groups=[f"{graph.groups[g].root}: {why}" for g, why in unsafe.items()],
+        unsafe={graph.groups[g].root: why for g, why in unsafe.items()},
         attention_pruning=graph.attention_pruning,
         heads=head_changes(graph.model, model),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,10 @@ class CompressResult:
     layer_profile: LayerProfile | None = None
     preflight: Inspection | None = None
     """What tracing found (the pre-flight of ``compressor inspect``), with the search's floor and unsafe groups."""
+    speed_warnings: list[str] = field(default_factory=list)
+    """The warnings about speed (:func:`speed_warnings`, computed once); ``warnings`` holds the others."""
+    resolved: Any = None
+    """The values the run resolved from the request (:class:`compressor.resolve.Resolved`)."""
 
 
 def not_faster(validation: ValidationResult) -> list[Latency]:
@@ -76,7 +80,7 @@ def speed_warnings(validation: ValidationResult, search: LatencySearchResult | N
 
 def alerts(r: CompressResult) -> list[str]:
     """The warnings about speed, which the command line shows in a panel rather than among the notes."""
-    return speed_warnings(r.validation, r.latency_search, round_to=r.prune.round_to)
+    return list(r.speed_warnings)
 
 
 def _latency_ratio(validation: ValidationResult, batch: int) -> float | None:
@@ -108,6 +112,8 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
                      "samples": r.data.val_size},
         "onnx": {"bytes": r.onnx_bytes, "original_bytes": r.onnx_original_bytes,
                  "max_abs_diff": r.validation.parity.max_abs_diff, "top1_agreement": r.validation.parity.top1_agreement,
+                 "mean_abs_diff": r.validation.parity.mean_abs_diff, "max_abs_logit": r.validation.parity.max_abs_logit,
+                 "parity_tolerance": r.validation.parity.tolerance,
                  "parity_samples": r.validation.parity.samples, "provider": r.validation.provider},
         "latency_ms": lat,
         "search": {"probes": p.probes, "seconds": p.seconds, "round_to": p.round_to, "off_multiple": p.off_multiple,
@@ -120,7 +126,8 @@ def to_dict(r: CompressResult) -> dict[str, Any]:
         "stages_seconds": r.stage_seconds,
         "device": r.device,
         "versions": r.versions,
-        "warnings": r.warnings,
+        "warnings": r.warnings + r.speed_warnings,
+        "resolved": r.resolved.to_dict() if r.resolved is not None else None,
         "not_faster": [{"batch": l.batch, "speedup": l.speedup, "provider": r.validation.provider}
                        for l in not_faster(r.validation)],
         "targets": _targets(r),
@@ -235,7 +242,9 @@ def to_markdown(r: CompressResult) -> str:
               f"- after fine-tuning (ONNX, {r.validation.provider}): {r.validation.accuracy_compressed:.2%}",
               f"- validation images: {r.data.val_size} ({r.data.val_fraction:g} of {r.data.num_samples}, seed {r.data.seed})",
               "", "## ONNX parity with the pruned PyTorch model", "",
-              f"- max abs difference of logits: {r.validation.parity.max_abs_diff:.2e}",
+              f"- max abs difference of logits: {r.validation.parity.max_abs_diff:.2e} (mean "
+              f"{r.validation.parity.mean_abs_diff:.2e}; largest logit {r.validation.parity.max_abs_logit:.3g}"
+              + (f", tolerance {r.validation.parity.tolerance:g} of it" if r.validation.parity.tolerance else "") + ")",
               f"- top-1 agreement: {r.validation.parity.top1_agreement:.2%} of {r.validation.parity.samples} images",
               "", "## Channels per group", "", "| group (root layer) | before | after |", "|---|---|---|"]
     lines += [f"| {l['group']} | {l['before']} | {l['after']} |" for l in d["search"]["layers"]]

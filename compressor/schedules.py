@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,7 +30,7 @@ from .calibration import prepare_criterion
 from .config import CompressConfig
 from .criteria import Criterion, needs_channel_costs
 from .data import LoadedData
-from .errors import ConfigError, GraphError, TargetUnreachableError
+from .errors import ConfigError, GraphError
 from .finetune import Cycle, FinetuneResult, FinetuneSettings, accuracy, recalibrate_bn
 from .graph import ROOT_TYPES, CouplingGraph, GroupSpec, trace
 from .progress import Progress
@@ -132,15 +132,20 @@ class Run:
 
     def __init__(self, *, original: nn.Module, data: LoadedData, config: CompressConfig, criterion: Criterion,
                  settings: FinetuneSettings, device: torch.device, progress: Progress | None = None,
-                 graph: CouplingGraph | None = None) -> None:
+                 graph: CouplingGraph | None = None, target: float | None = None, round_to: int | None = None,
+                 floor: pruning.Floor | None = None) -> None:
         """``graph``: the original model's coupling graph, where it has been traced already (the run
-        works on a copy of it, made with the model's copy; it is traced here only where it is not given)."""
+        works on a copy of it, made with the model's copy; it is traced here only where it is not given).
+        ``target``, ``round_to``, ``floor``: the FLOPs ratio, the rounding multiple and the floor the
+        pipeline resolved (:mod:`compressor.resolve`); by default ``config``'s own target and rounding."""
         self.original = original
         self.data = data
         self.config = config
         self.criterion = criterion
         self.progress = progress or Progress()
-        self.target = config.target_flops
+        self.target = target if target is not None else config.target_flops
+        self.round_to = round_to if round_to is not None else config.round_to
+        self.floor = floor
         self.device = device
         example = data.val_x[:1]
         if graph is None:
@@ -156,6 +161,8 @@ class Run:
         self.cycle = Cycle(model, data, settings, teacher=original if config.distill else None, device=device,
                            progress=self.progress)
         self.events: list[PruneEvent] = []
+        self.prune_seconds = 0.0
+        """Seconds spent planning and applying prunes (the pipeline books them under "prune")."""
         self._costs: list[float] | None = None
         self._results: list[pruning.PruneResult] = []
         self.original_cost = flops.measure(original, example)
@@ -211,6 +218,13 @@ class Run:
     def plan(self, ratio: float, *, quiet: bool = False) -> tuple[nn.Module, pruning.PruneResult] | None:
         """The current model pruned (a copy) to ``ratio`` of the original's MACs by the criterion on the
         current weights, or None when it is already there."""
+        start = time.perf_counter()
+        try:
+            return self._plan(ratio, quiet=quiet)
+        finally:
+            self.prune_seconds += time.perf_counter() - start
+
+    def _plan(self, ratio: float, *, quiet: bool) -> tuple[nn.Module, pruning.PruneResult] | None:
         graph = self.graph()
         relative = ratio * self.original_cost.macs / flops.measure(self.model, graph.example_input).macs
         if relative >= 1:
@@ -225,8 +239,8 @@ class Run:
         if not quiet:
             self.progress.task(f"search for {ratio:.3f} of the FLOPs", 0)
         pruned_graph, result = pruning.search(
-            graph, scores, target_ratio=relative, max_prune_fraction=c.max_prune_per_group, round_to=c.round_to,
-            original_units=self.original_units, with_graph=True,
+            graph, scores, target_ratio=relative, max_prune_fraction=c.max_prune_per_group, round_to=self.round_to or 1,
+            original_units=self.original_units, with_graph=True, known_floor=None if self.events else self.floor,
             on_probe=(lambda n, r: self.progress.check_cancel()) if quiet else (lambda n, r: self.progress.advance(1, flops_ratio=r)))
         if not quiet:
             self.progress.done()
@@ -244,6 +258,13 @@ class Run:
     def prune(self, pruned: nn.Module, *, reason: str) -> PruneEvent:
         """Continue the cycle with ``pruned`` (from :meth:`plan` or :meth:`pruned`): recalibrate its batch
         norms, fresh optimiser state, and record the accuracy just before and just after."""
+        start = time.perf_counter()
+        try:
+            return self._prune(pruned, reason=reason)
+        finally:
+            self.prune_seconds += time.perf_counter() - start
+
+    def _prune(self, pruned: nn.Module, *, reason: str) -> PruneEvent:
         before = self.accuracy()
         pruned.to(self.device)
         after = accuracy(pruned, self.data.val_x, self.data.val_y, device=self.device)
@@ -295,15 +316,11 @@ class Run:
 
     def start(self, schedule: Schedule) -> None:
         """Check the target is reachable at all (before any training), then the schedule's ``begin``."""
-        graph = self.graph()
-        ones = [torch.ones(spec.units) for spec in graph.groups]  # the floor depends on the caps, not the scores
-        floor = pruning.floor_ratio(graph, ones, max_prune_fraction=self.config.max_prune_per_group,
-                                    round_to=self.config.round_to)
-        if floor > self.target:
-            raise TargetUnreachableError(
-                f"--target-flops {self.target:g} is unreachable: the smallest reachable ratio is {floor:.3f} "
-                f"(at most {self.config.max_prune_per_group:.0%} of each group's channels can be removed)",
-                hint=f"ask for {math.ceil(floor * 1000) / 1000:g} or more, or raise --max-prune-per-group")
+        if self.floor is None:
+            self.floor = pruning.floor(self.graph(), max_prune_fraction=self.config.max_prune_per_group,
+                                       round_to=self.round_to or 1)
+        if self.floor.ratio > self.target:
+            raise pruning.unreachable(self.target, self.floor.ratio, max_prune_fraction=self.config.max_prune_per_group)
         self.model.train()
         schedule.begin(self)
 

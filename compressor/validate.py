@@ -7,6 +7,8 @@ got is reported, and onnxruntime's own console output is kept out of the user's 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
 import statistics
 import tempfile
@@ -19,8 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ValidationError
+from .errors import ParityError, ValidationError, one_line
 from .export import INPUT_NAME
+
+
+PARITY_TOLERANCE = {"CPUExecutionProvider": 1e-3, "CUDAExecutionProvider": 5e-3}
+"""The largest ONNX-vs-PyTorch logit difference accepted, as a fraction of the largest PyTorch logit
+(``--parity-tolerance`` replaces it), per execution provider. Relative, as Olive's OnnxDiscrepancyCheck
+and optimum's AtolError compare outputs with a tolerance: an absolute one would pass anything for an
+untrained deep net (logits of 1e-9) and fail a large-logit model on float rounding alone. CUDA kernels
+(cuDNN's algorithm choice, fused ops) differ from the CPU reference more than onnxruntime's CPU ones."""
+DEFAULT_PARITY_TOLERANCE = 1e-3
+"""For an execution provider not in :data:`PARITY_TOLERANCE`."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,33 @@ class Parity:
     max_abs_diff: float
     top1_agreement: float
     samples: int
+    mean_abs_diff: float = 0.0
+    max_abs_logit: float = 0.0
+    """The largest PyTorch logit (absolute): the scale of the tolerance."""
+    tolerance: float | None = None
+    """The relative tolerance it was held to (None: not judged)."""
+
+    @property
+    def relative_diff(self) -> float:
+        return self.max_abs_diff / self.max_abs_logit if self.max_abs_logit else (0.0 if not self.max_abs_diff else math.inf)
+
+
+def parity_tolerance(provider: str, override: float | None = None) -> float:
+    """The relative parity tolerance on ``provider``: ``override`` (``--parity-tolerance``) where given."""
+    return override if override is not None else PARITY_TOLERANCE.get(provider, DEFAULT_PARITY_TOLERANCE)
+
+
+def judge_parity(p: Parity, *, provider: str, override: float | None = None) -> Parity:
+    """``p`` with its tolerance, or a ``ParityError`` listing the differences where it exceeds it."""
+    tolerance = parity_tolerance(provider, override)
+    if not p.max_abs_diff <= tolerance * p.max_abs_logit:
+        raise ParityError(
+            f"the ONNX model's logits differ from PyTorch's on {provider}: max difference {p.max_abs_diff:.3g} "
+            f"({p.relative_diff:.2g} of the largest logit {p.max_abs_logit:.3g}, tolerance {tolerance:g}), "
+            f"mean difference {p.mean_abs_diff:.3g}, top-1 agreement {p.top1_agreement:.2%} on {p.samples} images",
+            hint="an operator exports or runs differently in onnxruntime; --parity-tolerance X widens the check "
+                 "if the difference is acceptable")
+    return dataclasses.replace(p, tolerance=tolerance)
 
 
 @dataclass(frozen=True)
@@ -106,7 +145,7 @@ def open_session(model: bytes | Path, *, device: str = "auto", threads: int | No
         except Exception as exc:
             captured.seek(0)
             detail = captured.read().decode(errors="replace").strip().splitlines()
-            raise ValidationError(f"onnxruntime could not load the model: {str(exc).splitlines()[0]}"
+            raise ValidationError(f"onnxruntime could not load the model: {one_line(exc, with_type=False)}"
                                   + (f" ({detail[-1]})" if detail else "")) from exc
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
         raise ValidationError("--device cuda was asked for, but onnxruntime's CUDA execution provider is not usable here",
@@ -130,10 +169,13 @@ def parity(session: Any, reference: torch.Tensor, x: torch.Tensor, *, check: Cal
     ref = reference.numpy()
     if out.shape != ref.shape:
         raise ValidationError(f"ONNX output shape {out.shape} differs from PyTorch's {ref.shape}")
+    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
     return Parity(
-        max_abs_diff=float(np.abs(out - ref).max()) if out.size else 0.0,
+        max_abs_diff=float(diff.max()) if out.size else 0.0,
         top1_agreement=float((out.argmax(1) == ref.argmax(1)).mean()) if out.size else 1.0,
         samples=len(out),
+        mean_abs_diff=float(diff.mean()) if out.size else 0.0,
+        max_abs_logit=float(np.abs(ref).max()) if out.size else 0.0,
     )
 
 
@@ -194,13 +236,15 @@ def validate(
     batches: tuple[int, ...] = (1, 64),
     runs: int = 30,
     check: Callable[[], None] | None = None,
+    parity_tolerance: float | None = None,
 ) -> ValidationResult:
-    """Parity, accuracy and latency of the compressed model against the original, in one process;
-    ``check`` (the cancel check) is called between batches."""
+    """Parity (judged: :func:`judge_parity`), accuracy and latency of the compressed model against the
+    original, in one process; ``check`` (the cancel check) is called between batches."""
     original = open_session(original_onnx, device=device)
     compressed = open_session(compressed_onnx, device=device)
     provider = compressed.get_providers()[0]
-    result_parity = parity(compressed, reference_logits, val_x, check=check)
+    result_parity = judge_parity(parity(compressed, reference_logits, val_x, check=check), provider=provider,
+                                 override=parity_tolerance)
     lat = [latency(original, compressed, val_x[:64], batch=b, runs=runs if b == 1 else max(5, runs // 3), check=check)
            for b in batches]
     return ValidationResult(

@@ -87,7 +87,12 @@ def test_the_event_stream_has_every_stage_start_and_end_in_order(run):
     stages = [(e["type"], e["name"]) for e in events if e["type"].startswith("stage_")]
     names = ["load", "trace", "prune", "fine-tune", "export", "validate"]
     assert stages == [(kind, name) for name in names for kind in ("stage_started", "stage_finished")]
-    assert {e["name"]: e["seconds"] for e in events if e["type"] == "stage_finished"} == run["report"]["stages_seconds"]
+    finished = {e["name"]: e["seconds"] for e in events if e["type"] == "stage_finished"}
+    booked = run["report"]["stages_seconds"]
+    assert finished.keys() == booked.keys()
+    # The report books a schedule's prunes during fine-tuning under "prune"; the events carry wall time.
+    assert all(finished[k] == booked[k] for k in ("load", "trace", "export", "validate"))
+    assert finished["prune"] + finished["fine-tune"] == pytest.approx(booked["prune"] + booked["fine-tune"], abs=0.01)
     steps = [e for e in events if e["type"] == "task_progress" and e["description"].startswith("fine-tune")]
     assert steps and steps[-1]["done"] == steps[-1]["total"] and steps[-1]["eta_seconds"] == 0
     assert "loss" in steps[-1]["metrics"]

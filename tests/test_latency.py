@@ -259,8 +259,8 @@ def test_a_model_pruning_cannot_speed_up_is_flagged_loudly(tmp_path, monkeypatch
     # reports are made to say exactly that: both sessions really run, and both get the original's times.
     real = validate.interleaved_times
 
-    def alike(sessions, feed, *, runs, warmup=5):
-        times = real(sessions, feed, runs=runs, warmup=warmup)
+    def alike(sessions, feed, *, runs, warmup=5, check=None):
+        times = real(sessions, feed, runs=runs, warmup=warmup, check=check)
         return [times[0]] * len(times)
 
     monkeypatch.setattr(validate, "interleaved_times", alike)
@@ -281,7 +281,10 @@ def test_a_model_pruning_cannot_speed_up_is_flagged_loudly(tmp_path, monkeypatch
     assert any("FASTER than the original" in w or "SLOWER than the original" in w for w in d["warnings"])
     assert "NOT FASTER" in result.stderr  # the panel's title
     assert "--target-latency" in result.stderr
-    assert "> **WARNING: the compressed model is" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "> **WARNING: the compressed model is" in md
+    speed = [w for w in d["warnings"] if "FASTER than the original" in w or "SLOWER than the original" in w]
+    assert all(md.count(w) == 1 for w in speed)  # once, at the top: not again under "Warnings"
 
 
 
