@@ -1,0 +1,99 @@
+"""The values a run resolves (FLOPs ratio, rounding, floor) are computed once and recorded next to the
+request; ONNX parity is judged against a tolerance scaled to the logits."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from compressor import compress, pipeline, pruning, validate
+from compressor.errors import ParityError
+from compressor.validate import Parity, judge_parity
+
+
+def test_the_floor_is_computed_once_per_rounding_multiple(make_config, monkeypatch):
+    calls = []
+    real = pruning.floor
+
+    def counting(graph, **kwargs):
+        calls.append((kwargs.get("round_to"), kwargs.get("max_prune_fraction")))
+        return real(graph, **kwargs)
+
+    monkeypatch.setattr(pruning, "floor", counting)
+    probes = []
+    real_search = pruning.search
+    monkeypatch.setattr(pruning, "search", lambda *a, **k: probes.append(k.get("known_floor")) or real_search(*a, **k))
+    result = compress(make_config(target_flops=0.3, epochs=0))
+    assert calls and len(calls) == len(set(calls))  # the halving of the multiple tries each one once
+    assert probes and probes[0] is not None and probes[0].ratio == result.prune.min_reachable_ratio
+
+
+def test_a_latency_target_is_recorded_as_asked_and_as_resolved(make_config, monkeypatch):
+    from compressor import latency
+
+    class Timer:
+        provider = "injected timer"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, model):  # latency follows the FLOPs exactly
+            from compressor import flops
+            from _tiny import IMAGE_SIZE
+
+            x = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)
+            r = flops.measure(model, x).macs / self.original
+            return latency.LatencyMeasurement(ratio=r, spread=0.0, original_ms=1.0, compressed_ms=r)
+
+    def make(original, **kwargs):
+        from compressor import flops
+
+        t = Timer()
+        t.original = flops.measure(original, kwargs["example_input"]).macs
+        return t
+
+    monkeypatch.setattr(latency, "OnnxTimer", make)
+    config = make_config(target_flops=None, target_latency=0.6, epochs=0, round_to=1)
+    result = compress(config)
+    assert config.target_flops is None  # the config is not rewritten
+    assert result.resolved.flops_ratio == result.prune.target_ratio == result.latency_search.flops_ratio
+    saved = torch.load(config.output_dir / "model.pt", weights_only=False)
+    assert saved["target_flops"] is None and saved["requested"]["target_latency"] == 0.6
+    assert saved["resolved"]["flops_ratio"] == pytest.approx(result.resolved.flops_ratio)
+    meta = {p.key: p.value for p in onnx.load(str(config.output_dir / "model.onnx")).metadata_props}
+    assert json.loads(meta["requested"])["target_flops"] is None
+    assert json.loads(meta["resolved"])["round_to"] == 1
+    assert json.loads((config.output_dir / "report.json").read_text())["resolved"]["flops_ratio"] == pytest.approx(
+        result.resolved.flops_ratio)
+
+
+def test_parity_is_judged_relative_to_the_largest_logit():
+    tiny = Parity(max_abs_diff=1e-12, top1_agreement=1.0, samples=4, mean_abs_diff=1e-13, max_abs_logit=1e-9)
+    assert judge_parity(tiny, provider="CPUExecutionProvider").tolerance == validate.PARITY_TOLERANCE["CPUExecutionProvider"]
+    off = Parity(max_abs_diff=0.05, top1_agreement=0.75, samples=4, mean_abs_diff=0.01, max_abs_logit=10.0)
+    with pytest.raises(ParityError) as caught:
+        judge_parity(off, provider="CPUExecutionProvider")
+    assert "max difference 0.05" in caught.value.message and "mean difference 0.01" in caught.value.message
+    assert "top-1 agreement 75.00%" in caught.value.message and "--parity-tolerance" in caught.value.hint
+    assert judge_parity(off, provider="CUDAExecutionProvider", override=0.01).tolerance == 0.01
+
+
+def test_a_model_failing_parity_is_an_error_and_nothing_is_written(make_config, monkeypatch):
+    real = pipeline.ft.predict
+
+    def skewed(model, x, **kwargs):  # the PyTorch reference drifts from what the ONNX model computes
+        out = real(model, x, **kwargs)
+        return out + 0.01 * out.abs().max()
+
+    monkeypatch.setattr(pipeline.ft, "predict", skewed)
+    config = make_config(epochs=0)
+    with pytest.raises(ParityError):
+        compress(config)
+    assert not config.output_dir.exists()
+    assert not [p for p in config.output_dir.parent.iterdir() if p.name.startswith(f".{config.output_dir.name}.")]
+    result = compress(make_config(epochs=0, parity_tolerance=0.05))  # widened: accepted, and recorded
+    assert result.validation.parity.tolerance == 0.05
+    assert json.loads((result.out_dir / "report.json").read_text())["onnx"]["parity_tolerance"] == 0.05
