@@ -40,7 +40,7 @@ def main() -> None:
 
     from compressor import criteria, graph, pruning
     from compressor.data import load_data
-    from compressor.finetune import FinetuneSettings, accuracy, finetune, recalibrate_bn
+    from compressor.finetune import Cycle, FinetuneSettings, accuracy, recalibrate_bn
     from compressor.loading import load_model
 
     torch.set_num_threads(2)
@@ -66,7 +66,7 @@ def main() -> None:
         by_plain = copy.deepcopy(model)
         plain_finetune(by_plain, data.train_x, data.train_y, epochs=args.epochs, seed=args.seed)
         by_ours = copy.deepcopy(recalibrated)
-        history = finetune(by_ours, data, settings, teacher=copy.deepcopy(original), device=torch.device("cpu")).history
+        history = Cycle(by_ours, data, settings, teacher=copy.deepcopy(original), device=torch.device("cpu")).run().history
         curve = " -> ".join(f"{h['val_accuracy']:.2%}" for h in history)
         print(f"{name}: right after {right_after:.2%}, after BN recalibration {accuracy(recalibrated, data.val_x, data.val_y):.2%}, "
               f"plain fine-tuning {accuracy(by_plain, data.val_x, data.val_y):.2%}, our fine-tuning "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import IO, Any, ClassVar, Protocol, runtime_checkable
 
 from .errors import Cancelled

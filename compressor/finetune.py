@@ -245,15 +245,3 @@ class Cycle:
             amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
         )
 
-
-def finetune(
-    model: nn.Module,
-    data: LoadedData,
-    settings: FinetuneSettings,
-    *,
-    teacher: nn.Module | None = None,
-    device: torch.device,
-    progress: Progress | None = None,
-) -> FinetuneResult:
-    """Train ``model`` in place over ``settings.epochs`` epochs of one OneCycle learning-rate cycle."""
-    return Cycle(model, data, settings, teacher=teacher, device=device, progress=progress).run()

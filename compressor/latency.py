@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from .data import LoadedData
 
 DEFAULT_ROUND_TO = {"CPUExecutionProvider": 16, "CUDAExecutionProvider": 8}
-"""``--round-to`` when none is given, per execution provider. Measured for the CPU EP (BENCHMARKS.md,
-"Latency"): odd widths made every model slower, 16 beat 8 by about 10% at batch 64 and tied at
-batch 1 (onnxruntime's CPU kernels work in blocks of 16 channels on AVX-512, of 8 on AVX2; 16 is a
+"""``--round-to`` when none is given, per execution provider. Chosen by measurement for the CPU EP
+(the figures are in BENCHMARKS.md, "Latency": odd widths were slower, 16 at least as fast as 8;
+onnxruntime's CPU kernels work in blocks of 16 channels on AVX-512, of 8 on AVX2, and 16 is a
 multiple of both). 8 on CUDA is the common advice for tensor cores; not measured here."""
 FLOPS_RESOLUTION = 0.02
 """The search stops when the FLOPs ratios of a meeting and a missing candidate are this close."""

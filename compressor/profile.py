@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import flops
+from .graph import module_width
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 PROFILED_RUNS = 10
@@ -142,8 +143,7 @@ def layer_profile(original: nn.Module, compressed: nn.Module, original_onnx: Pat
     lat_c, other_c = _latency_shares(times_c, modules)
 
     def width(model: nn.Module, name: str) -> int:
-        m = model.get_submodule(name)
-        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        return module_width(model.get_submodule(name))
 
     rows = [LayerCost(layer=name, channels_before=width(original, name), channels_after=width(compressed, name),
                       flops_share_original=macs_o.get(name, 0) / total_o,

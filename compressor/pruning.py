@@ -131,8 +131,7 @@ def channel_costs(graph: CouplingGraph) -> list[float]:
 
     Measured, not modelled: each group gets one probe (a pruned copy without its unit 0, counted
     like the search's probes), so residual streams, flattens and heads count whatever they couple.
-    One probe (a trace) per group is fine for now (7 s for MobileNetV2's 25 groups at 16x16 on one
-    thread); it is the thing to speed up if it shows. A group of a single unit is never pruned (its
+    One probe per group is fine for now; it is the thing to speed up if it shows. A group of a single unit is never pruned (its
     last unit stays) and costs 0.
     """
     base = flops.measure(graph.model, graph.example_input).macs

@@ -32,7 +32,7 @@ from .criteria import Criterion, needs_channel_costs
 from .data import LoadedData
 from .errors import ConfigError, GraphError
 from .finetune import Cycle, FinetuneResult, FinetuneSettings, accuracy, recalibrate_bn
-from .graph import ROOT_TYPES, CouplingGraph, GroupSpec, trace
+from .graph import ROOT_TYPES, CouplingGraph, module_width, trace
 from .progress import Progress
 from .registry import PluginInfo, Registry
 
@@ -118,13 +118,6 @@ def reinitialise(model: nn.Module) -> None:
             m.reset_parameters()
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
-
-
-def _width(model: nn.Module, spec: GroupSpec) -> int:
-    m = model.get_submodule(spec.root)
-    if isinstance(m, nn.Linear):
-        return m.out_features if spec.handler == "out" else m.in_features
-    return m.out_channels if spec.handler == "out" else m.in_channels
 
 
 class Run:
@@ -305,7 +298,7 @@ class Run:
     def _result(self) -> pruning.PruneResult:
         final = flops.measure(self.model, self.data.val_x[:1])
         last = self._results[-1]
-        layers = [pruning.LayerChange(spec.root, spec.size, _width(self.model, spec)) for spec in self.groups
+        layers = [pruning.LayerChange(spec.root, spec.size, module_width(self.model.get_submodule(spec.root), spec.handler)) for spec in self.groups
                   if isinstance(self.model.get_submodule(spec.root), ROOT_TYPES)]
         return dataclasses.replace(
             last, original=self.original_cost, pruned=final, target_ratio=self.target,
