@@ -10,12 +10,23 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 err = Console(stderr=True)
 out = Console()
+
+
+def literal(text: object) -> str:
+    """User text (paths, names, messages quoting them) as markup that rich prints exactly as it is.
+
+    Everything printed through a rich console is read as markup: ``[/x]`` in a path would raise and
+    ``[best]`` would vanish. Every string that may hold user text goes through here, once, where it is
+    rendered.
+    """
+    return escape(str(text))
 
 
 def quiet_library_warnings() -> None:
@@ -31,16 +42,22 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
     ``COMPRESSOR_DEBUG=1`` shows the full traceback instead.
     """
     from compressor.errors import CompressorError
+    from compressor.outputs import InterruptedAfterOutput
 
     try:
         return fn()
     except CompressorError as exc:
         if os.environ.get("COMPRESSOR_DEBUG"):
             raise
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {literal(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]hint:[/] {literal(exc.hint)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+    except InterruptedAfterOutput as exc:
+        # The output was already complete: the interrupt lost nothing, so the run succeeded.
+        err.print(f"interrupted after the output was complete: {literal(exc.out)}/ holds every file",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(0) from None
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written")
         raise typer.Exit(130) from None
@@ -56,11 +73,11 @@ class RichProgress:
         self.description = ""
 
     def stage(self, name: str) -> None:
-        self.console.print(f"[bold cyan]>[/] {name}", highlight=False)
+        self.console.print(f"[bold cyan]>[/] {literal(name)}", highlight=False)
 
     def task(self, description: str, total: int) -> None:
         self.done()
-        self.description = description
+        self.description = description = literal(description)
         self.bar = RichBar(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(),
                            console=self.console, transient=False)
@@ -79,26 +96,26 @@ class RichProgress:
 
     def heartbeat(self, what: str, *, seconds: float, rss: int | None) -> None:
         memory = f", RSS {rss / 2**30:.1f} GB" if rss is not None else ""
-        self.console.print(f"  {what}… {seconds:.0f} s{memory}", highlight=False)
+        self.console.print(f"  {literal(what)}… {seconds:.0f} s{memory}", highlight=False)
 
     def note(self, message: str) -> None:
         self.done()
-        self.console.print(f"  {message}", highlight=False)
+        self.console.print(f"  {literal(message)}", highlight=False)
 
 
 def before_after_table(rows: list[tuple[str, str, str, str]], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=literal(title), title_justify="left")
     for name, justify in (("", "left"), ("original", "right"), ("compressed", "right"), ("change", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for row in rows:
         style = "bold red" if "SLOWER" in row[3] or "NOT FASTER" in row[3] else None
-        table.add_row(*row, style=style)
+        table.add_row(*(literal(cell) for cell in row), style=style)
     return table
 
 
 def alert_panel(messages: list[str]) -> Panel:
     """Speed problems in a red box: a compressed model that is not faster must not pass unnoticed."""
-    return Panel("\n".join(f"[bold red]{m}[/]" for m in messages), title="[bold red]NOT FASTER[/]",
+    return Panel("\n".join(f"[bold red]{literal(m)}[/]" for m in messages), title="[bold red]NOT FASTER[/]",
                  border_style="bold red", title_align="left")
 
 

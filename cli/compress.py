@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._render import RichProgress, alert_panel, before_after_table, err, out, quiet_library_warnings, run_guarded
+from ._render import (RichProgress, alert_panel, before_after_table, err, literal, out, quiet_library_warnings,
+                      run_guarded)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -93,7 +94,6 @@ def compress(
 
     def job():
         from compressor import CompressConfig, compress as run
-        from compressor.report import alerts, table_rows, to_dict
 
         config = CompressConfig(
             model_path=model, data_path=data, target_flops=target_flops, target_latency=target_latency,
@@ -107,20 +107,32 @@ def compress(
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
             overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs)
         result = run(config, progress=RichProgress())
-        speed = alerts(result)
-        if json_output:
-            out.print_json(json.dumps(to_dict(result)))
-        else:
-            out.print(before_after_table(table_rows(result), f"{model.name}: before / after"))
-            for warning in result.warnings:
-                if warning not in speed:
-                    err.print(f"[bold red]warning:[/] {warning}", highlight=False)
-        if speed:
-            err.print(alert_panel(speed))  # on stderr, so that --json output stays parseable
-        if not json_output:
-            out.print(f"Wrote {result.out_dir}/: model.onnx, original.onnx, model.pt, report.json, report.md", highlight=False)
+        try:
+            _render_result(result, model_name=model.name, json_output=json_output)
+        except KeyboardInterrupt:
+            from compressor.outputs import InterruptedAfterOutput
+
+            raise InterruptedAfterOutput(result.out_dir) from None
 
     run_guarded(job)
+
+
+def _render_result(result, *, model_name: str, json_output: bool) -> None:
+    from compressor.report import alerts, table_rows, to_dict
+
+    speed = alerts(result)
+    if json_output:
+        out.print_json(json.dumps(to_dict(result), allow_nan=False))
+    else:
+        out.print(before_after_table(table_rows(result), f"{model_name}: before / after"))
+        for warning in result.warnings:
+            if warning not in speed:
+                err.print(f"[bold red]warning:[/] {literal(warning)}", highlight=False)
+    if speed:
+        err.print(alert_panel(speed))  # on stderr, so that --json output stays parseable
+    if not json_output:
+        out.print(f"Wrote {literal(result.out_dir)}/: model.onnx, original.onnx, model.pt, report.json, report.md",
+                  highlight=False)
 
 
 def main() -> None:

@@ -46,6 +46,9 @@ def check_fit(model: nn.Module, data: LoadedData) -> int:
                         hint="check the channel count and image size the model expects") from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise DataError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; a classifier giving (batch, classes) logits is expected")
+    if not torch.isfinite(out).all():
+        raise DataError("the model's outputs on the data's images hold NaN or infinite values",
+                        hint="check the model's weights and the data's scale (--mean, --std)")
     classes = int(out.shape[1])
     if data.info.num_classes > classes:
         raise DataError(f"labels go up to {data.info.num_classes - 1} but the model's classifier has {classes} outputs",
@@ -94,7 +97,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
     progress = progress or Progress()
     clock = _Clock(progress)
     out = config.output_dir
-    outputs.check_output_dir(out, overwrite=config.overwrite, inputs=(config.model_path, config.data_path))
+    outputs.check_output_dir(out, overwrite=config.overwrite, inputs=(config.model_path, config.data_path),
+                             needed_bytes=outputs.expected_bytes(config.model_path))
     torch.manual_seed(config.seed)
     device = ft.resolve_device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -108,6 +112,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
                             image_size=data.info.input_shape[-1])
         original = loaded.model
         classes = check_fit(original, data)
+        notes += data.notes
         criterion = criteria.get_criterion(config.criterion)
         schedule = schedules.get_schedule(config.schedule, config)
 
@@ -129,6 +134,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
                                                              round_to=round_to, progress=progress)
         resolved = dataclasses.replace(config, target_flops=flops_ratio, round_to=round_to)
         acc_original = ft.accuracy(original, data.val_x, data.val_y)
+        notes += report.chance_warnings(acc_original, classes)
         run = schedules.Run(original=original, data=data, config=resolved, criterion=criterion,
                             settings=_finetune_settings(config), device=device, progress=progress,
                             groups=coupling.groups)
