@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
@@ -27,6 +28,47 @@ def literal(text: object) -> str:
     rendered.
     """
     return escape(str(text))
+
+
+try:  # typer >= 0.22 vendors click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
+
+
+class _OneLineUsageErrors:
+    """A usage error (an unknown option, ``--epochs 1.5``) as one ``error:`` line and exit code 2, like
+    every other bad input, instead of click's four-line block."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        call = super().main  # type: ignore[misc]
+        if not standalone_mode:
+            return call(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = call(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            err.print(f"[bold red]error:[/] {literal(' '.join(exc.format_message().split()))}", highlight=False,
+                      soft_wrap=True)
+            command = getattr(getattr(exc, "ctx", None), "command_path", None)
+            if command:
+                err.print(f"[yellow]hint:[/] {literal(command)} --help lists the options", highlight=False)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err.print("aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class OneLineCommand(_OneLineUsageErrors, TyperCommand):
+    """A Typer command whose usage errors are one line."""
+
+
+class OneLineGroup(_OneLineUsageErrors, TyperGroup):
+    """A Typer group whose usage errors (its commands' too) are one line."""
 
 
 def quiet_library_warnings() -> None:

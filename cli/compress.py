@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._render import (RichProgress, alert_panel, before_after_table, err, literal, out, quiet_library_warnings,
-                      run_guarded)
+from ._render import (OneLineCommand, RichProgress, alert_panel, before_after_table, err, literal, out,
+                      quiet_library_warnings, run_guarded)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -23,7 +23,7 @@ def _floats(value: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
         raise typer.BadParameter(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
-@app.command()
+@app.command(cls=OneLineCommand)
 def compress(
     model: Annotated[Path, typer.Argument(help="Trained model: a state dict (with --arch) or a pickled module (with --trust-pickle).")],
     data: Annotated[Path, typer.Option(help="Labelled images: .npz (images/labels or x/y), .pt dict of tensors, "

@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._render import RichProgress, literal, out, quiet_library_warnings, run_guarded
+from ._render import OneLineGroup, RichProgress, literal, out, quiet_library_warnings, run_guarded
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(cls=OneLineGroup, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  rich_markup_mode=None,
                   help="Tools around `compress`: list criteria, schedules and models, inspect a model.")
 
 

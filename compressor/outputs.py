@@ -50,8 +50,6 @@ def check_output_dir(out: Path, *, overwrite: bool, inputs: tuple[Path, ...], ne
     immutable directory, a file in the way or a missing parent that cannot be created are all found
     here, and so is a disk without room for ``needed_bytes``.
     """
-    if str(out).strip() == "":
-        raise OutputExistsError("--out is empty", hint="give a directory, e.g. --out runs/small")
     if out.is_symlink() and not out.exists():
         raise OutputExistsError(f"--out {out} is a symbolic link to {os.readlink(out)}, which does not exist",
                                 hint="remove the link, or point it at a directory")
