@@ -133,8 +133,8 @@ def staged_output(out: Path, *, overwrite: bool) -> Iterator[Path]:
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)
         stage.rename(target)
-        if old is not None:
-            shutil.rmtree(old)
+        if old is not None:  # always a real directory: a symlinked --out is resolved to its target above
+            shutil.rmtree(old, ignore_errors=True)
     if interrupted:
         raise InterruptedAfterOutput(out)
 

@@ -56,6 +56,7 @@ def _options(names_numeric, names_text):
     return st.lists(pairs, min_size=1, max_size=3)
 
 
+@pytest.mark.slow  # about 30 s: a few generated commands succeed and run the whole (--epochs 0) pipeline
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(options=_options(COMPRESS_NUMERIC, COMPRESS_TEXT))
 def test_compress_options(files, options):
