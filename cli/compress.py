@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._render import (RichProgress, alert_panel, before_after_table, cancel_on_sigint, err, out, quiet_library_warnings,
-                      run_guarded)
+from ._render import (OneLineCommand, RichProgress, alert_panel, before_after_table, cancel_on_sigint, err, literal,
+                      out, quiet_library_warnings, run_guarded)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 
@@ -25,7 +25,7 @@ def _floats(value: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
         raise typer.BadParameter(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
-@app.command()
+@app.command(cls=OneLineCommand)
 def compress(
     model: Annotated[Path, typer.Argument(help="Trained model: a state dict (with --arch) or a pickled module (with --trust-pickle).")],
     data: Annotated[Path, typer.Option(help="Labelled images: .npz (images/labels or x/y), .pt dict of tensors, "
@@ -101,7 +101,6 @@ def compress(
 
     def job():
         from compressor import CompressConfig, compress as run
-        from compressor.report import alerts, table_rows, to_dict
 
         config = CompressConfig(
             model_path=model, data_path=data, target_flops=target_flops, target_latency=target_latency,
@@ -117,17 +116,12 @@ def compress(
             parity_tolerance=parity_tolerance)
         with _event_sink(json_events) as sink, cancel_on_sigint() as cancel:
             result = run(config, progress=sink, cancel=cancel)
-        speed = alerts(result)
-        if json_output:
-            out.print_json(json.dumps(to_dict(result)))
-        else:
-            out.print(before_after_table(table_rows(result), f"{model.name}: before / after"))
-            for warning in result.warnings:  # the speed warnings are in result.speed_warnings, shown below
-                err.print(f"[bold red]warning:[/] {warning}", highlight=False)
-        if speed:
-            err.print(alert_panel(speed))  # on stderr, so that --json output stays parseable
-        if not json_output:
-            out.print(f"Wrote {result.out_dir}/: model.onnx, original.onnx, model.pt, report.json, report.md", highlight=False)
+        try:
+            _render_result(result, model_name=model.name, json_output=json_output)
+        except KeyboardInterrupt:
+            from compressor.outputs import InterruptedAfterOutput
+
+            raise InterruptedAfterOutput(result.out_dir) from None
 
     run_guarded(job)
 
@@ -148,6 +142,23 @@ def _event_sink(path: Optional[str]):
             raise typer.BadParameter(f"--json-events {path}: {exc.strerror}") from None
         with stream:
             yield Tee(RichProgress(), JsonLines(stream))
+
+
+def _render_result(result, *, model_name: str, json_output: bool) -> None:
+    from compressor.report import alerts, table_rows, to_dict
+
+    speed = alerts(result)
+    if json_output:
+        out.print_json(json.dumps(to_dict(result), allow_nan=False))
+    else:
+        out.print(before_after_table(table_rows(result), f"{model_name}: before / after"))
+        for warning in result.warnings:  # the speed warnings are in result.speed_warnings, shown below
+            err.print(f"[bold red]warning:[/] {literal(warning)}", highlight=False)
+    if speed:
+        err.print(alert_panel(speed))  # on stderr, so that --json output stays parseable
+    if not json_output:
+        out.print(f"Wrote {literal(result.out_dir)}/: model.onnx, original.onnx, model.pt, report.json, report.md",
+                  highlight=False)
 
 
 def main() -> None:

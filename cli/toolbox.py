@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ._render import RichProgress, out, quiet_library_warnings, run_guarded
+from ._render import OneLineGroup, RichProgress, literal, out, quiet_library_warnings, run_guarded
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(cls=OneLineGroup, add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  rich_markup_mode=None,
                   help="Tools around `compress`: list criteria, schedules and models, inspect a model.")
 
 
@@ -27,7 +28,8 @@ def list_criteria() -> None:
             try:
                 cls = criteria.resolve_criterion(info.name)
             except Exception:
-                table.add_row(info.name, f"{info.distribution} {info.version}", "-", "[red]failed to import[/]")
+                table.add_row(literal(info.name), literal(f"{info.distribution} {info.version}"), "-",
+                              "[red]failed to import[/]")
                 continue
             needs = ("per-sample gradients" if criteria.needs_per_sample_gradients(cls)
                      else "gradients" if criteria.needs_gradients(cls) else "weights")
@@ -36,7 +38,8 @@ def list_criteria() -> None:
             if criteria.needs_channel_costs(cls):
                 needs += ", channel costs"
             doc = (cls.__doc__ or "").strip().splitlines()
-            table.add_row(info.name, f"{info.distribution or '?'} {info.version or ''}".strip(), needs, doc[0] if doc else "")
+            table.add_row(literal(info.name), literal(f"{info.distribution or '?'} {info.version or ''}".strip()), needs,
+                          literal(doc[0] if doc else ""))
         out.print(table)
 
     run_guarded(job)
@@ -53,10 +56,11 @@ def list_schedules() -> None:
         table = Table("name", "from", "description")
         for info in schedules.available_schedules():
             try:
-                doc = (schedules.REGISTRY.resolve(info.name).__doc__ or "").strip().split(". ")[0]
+                doc = literal(" ".join((schedules.REGISTRY.resolve(info.name).__doc__ or "").strip().split(". ")[0]
+                                       .replace("``", "").split()))
             except Exception:
                 doc = "[red]failed to import[/]"
-            table.add_row(info.name, f"{info.distribution or '?'} {info.version or ''}".strip(), " ".join(doc.replace("``", "").split()))
+            table.add_row(literal(info.name), literal(f"{info.distribution or '?'} {info.version or ''}".strip()), doc)
         out.print(table)
 
     run_guarded(job)
@@ -80,43 +84,40 @@ def inspect_command(
     def job():
         import torch
 
-        from compressor.config import check_attention_pruning, check_trace_budgets
-        from compressor.errors import ConfigError
+        from compressor.config import (check_attention_pruning, check_max_prune_per_group, check_trace_budgets,
+                                       parse_input_shape)
         from compressor.loading import load_model
         from compressor.preflight import inspect_model
         from compressor.watchdog import memory_budget
 
-        try:
-            shape = tuple(int(v) for v in input_shape.split(","))
-        except ValueError:
-            raise ConfigError(f"--input-shape takes C,H,W, got {input_shape!r}") from None
-        if len(shape) != 3 or min(shape) < 1:
-            raise ConfigError(f"--input-shape takes three positive integers C,H,W, got {input_shape!r}")
+        # The same checks as compress's, all before the model is loaded.
+        shape = parse_input_shape(input_shape)
+        check_max_prune_per_group(max_prune_per_group)
         check_trace_budgets(trace_timeout, trace_memory)
         check_attention_pruning(attention)
         loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, image_size=shape[-1])
         report = inspect_model(loaded.model, torch.zeros(1, *shape), max_prune_fraction=max_prune_per_group,
                                timeout=trace_timeout or None, memory=memory_budget(trace_memory),
                                progress=RichProgress(), attention_pruning=attention)
-        out.print(f"{model.name}: {report.macs / 1e6:.2f}M MACs, {report.params / 1e6:.3f}M parameters, "
+        out.print(f"{literal(model.name)}: {report.macs / 1e6:.2f}M MACs, {report.params / 1e6:.3f}M parameters, "
                   f"{len(report.groups)} prunable groups", highlight=False)
         table = Table("group (root layer)", "channels", "units", "layers")
         for g in report.groups:
-            table.add_row(g.root, str(g.channels), f"{g.units} heads" if g.heads_of else str(g.units), str(g.layers))
+            table.add_row(literal(g.root), str(g.channels), f"{g.units} heads" if g.heads_of else str(g.units), str(g.layers))
         out.print(table)
         for name, why in report.protected.items():
-            out.print(f"protected: {name}: {why}", highlight=False)
+            out.print(f"protected: {literal(name)}: {literal(why)}", highlight=False)
         how = ("whole heads pruned; head_dim stays" if report.attention_pruning == "heads"
                else "head dimensions pruned alike in every head; num_heads stays")
         for name in report.attention:
             heads, head_dim = report.heads[name]
-            out.print(f"attention: {name}: {heads} heads of {head_dim} ({how})", highlight=False)
+            out.print(f"attention: {literal(name)}: {heads} heads of {head_dim} ({how})", highlight=False)
         if report.frozen:
             out.print(f"frozen parameters (pruned, not fine-tuned): {len(report.frozen)}", highlight=False)
         if report.unwrapped:
-            out.print(f"unwrapped parameters: {', '.join(report.unwrapped)}", highlight=False)
+            out.print(f"unwrapped parameters: {literal(', '.join(report.unwrapped))}", highlight=False)
         for name, why in report.unsafe.items():
-            out.print(f"left unpruned: {name}: pruning it breaks the model ({why})", highlight=False)
+            out.print(f"left unpruned: {literal(name)}: pruning it breaks the model ({literal(why)})", highlight=False)
         if report.min_reachable_ratio is not None:
             out.print(f"smallest reachable FLOPs ratio at --max-prune-per-group {max_prune_per_group:g}: "
                       f"{report.min_reachable_ratio:.3f}", highlight=False)
@@ -132,7 +133,7 @@ def list_models() -> None:
     from compressor.models import list_models as names
 
     for name in names():
-        out.print(name)
+        out.print(literal(name), highlight=False)
 
 
 def main() -> None:

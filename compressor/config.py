@@ -20,6 +20,40 @@ def check_attention_pruning(value: str) -> None:
                           hint="dims prunes head dimensions alike in every head; heads removes whole heads")
 
 
+SEED_RANGE = (0, 2**32 - 1)
+"""Seeds every generator involved (torch, numpy, CUDA) accepts."""
+
+MAX_INPUT_ELEMENTS = 1 << 28
+"""The most values one example input may hold (``--input-shape``): 1 GB of float32."""
+
+
+def check_max_prune_per_group(value: float) -> None:
+    """Check ``--max-prune-per-group`` (``compress`` and ``inspect`` both take it)."""
+    if not (math.isfinite(value) and 0 < value < 1):
+        raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {value}",
+                          hint="0.75 lets at most three quarters of any group's channels go")
+
+
+def check_seed(value: int) -> None:
+    """Check ``--seed``."""
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise ConfigError(f"--seed must be a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {value}")
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """Read ``--input-shape C,H,W``: three positive integers, together no more than ``MAX_INPUT_ELEMENTS`` values."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--input-shape takes C,H,W, got {text!r}", hint="e.g. --input-shape 3,32,32") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape takes three positive integers C,H,W, got {text!r}")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise ConfigError(f"--input-shape {text} holds {math.prod(shape):.3g} values; at most {MAX_INPUT_ELEMENTS} "
+                          "(1 GB of float32) are accepted")
+    return shape  # type: ignore[return-value]
+
+
 def check_trace_budgets(trace_timeout: float, trace_memory: float | None) -> None:
     """Check ``--trace-timeout`` and ``--trace-memory`` (``compress`` and ``inspect`` both take them)."""
     if not (math.isfinite(trace_timeout) and trace_timeout >= 0):
@@ -128,8 +162,7 @@ class CompressConfig:
                                   else "0.5 asks for half of the original's measured latency")
         if self.latency_batch < 1:
             raise ConfigError(f"--latency-batch must be at least 1, got {self.latency_batch}")
-        if not 0 < self.max_prune_per_group < 1:
-            raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {self.max_prune_per_group}")
+        check_max_prune_per_group(self.max_prune_per_group)
         if self.round_to is not None and self.round_to < 1:
             raise ConfigError(f"--round-to must be at least 1, got {self.round_to}")
         check_attention_pruning(self.attention_pruning)
@@ -147,10 +180,11 @@ class CompressConfig:
             raise ConfigError(f"--val-fraction must lie strictly between 0 and 1, got {self.val_fraction}")
         if not 0 <= self.distill_alpha <= 1:
             raise ConfigError(f"--distill-alpha must lie in [0, 1], got {self.distill_alpha}")
-        if not self.weight_decay >= 0:
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"--weight-decay must be 0 or more, got {self.weight_decay}")
-        if not self.distill_temperature > 0:
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise ConfigError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        check_seed(self.seed)
         if (self.mean is None) != (self.std is None):
             raise ConfigError("--mean and --std must be given together")
         check_trace_budgets(self.trace_timeout, self.trace_memory)

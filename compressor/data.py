@@ -24,6 +24,10 @@ _NPZ_HINT = "save the data with np.savez(path, images=x, labels=y)"
 _SUPPORTED = "an .npz file, a .pt/.pth file holding a dict of tensors, or a folder with one sub-folder per class"
 _CHANNEL_COUNTS = (1, 3, 4)
 _STD_FLOOR = 1e-6
+_PIXEL_RANGE = (0.0, 1.0)
+_RANGE_SLACK = 1e-3
+_MAX_PIXEL = 255.0
+"""Float images beyond this magnitude are refused: not even 0-255 pixel values."""
 # Statistics and finiteness checks walk the data in slices of about this many values, so that no
 # float64 or boolean copy of the whole dataset is ever made.
 _CHUNK_VALUES = 1 << 22
@@ -59,6 +63,8 @@ class LoadedData:
     val_x: torch.Tensor
     val_y: torch.Tensor
     info: DataInfo
+    notes: tuple[str, ...] = ()
+    """What looks wrong but may be right (float images outside [0, 1], for instance), for the report's warnings."""
 
 
 def load_data(
@@ -80,7 +86,7 @@ def load_data(
     images = _as_numpy(images)
     # A folder is read as NHWC by us; guessing would misread images 3 or 4 pixels tall.
     layout = _find_layout(images.shape, known="NHWC" if kind == "folder" else None)
-    _check_values(images)
+    notes = _check_values(images, stats_given=mean is not None)
     labels = _check_labels(_as_numpy(labels), num_images=len(images))
     num_classes = len(class_names) if class_names is not None else int(labels.max()) + 1
     if len(images) < num_classes:
@@ -125,6 +131,7 @@ def load_data(
         val_x=val_x,
         val_y=torch.from_numpy(labels[val_idx]),
         info=info,
+        notes=notes,
     )
 
 
@@ -292,18 +299,35 @@ def _find_layout(shape: tuple[int, ...], *, known: str | None = None) -> str:
     return layout
 
 
-def _check_values(images: np.ndarray) -> None:
+def _check_values(images: np.ndarray, *, stats_given: bool) -> tuple[str, ...]:
+    """Refuse non-finite values and float images that cannot be pixels; return a note for float images
+    outside [0, 1] that the inferred statistics still normalise correctly."""
     if images.dtype == np.uint8:
-        return
+        return ()
     if not np.issubdtype(images.dtype, np.floating):
         raise DataError(
             f"images have dtype {images.dtype}; expected uint8 (0-255) or float (already scaled)",
             hint="convert 0-255 images to uint8, or other images to float32 in [0, 1]",
         )
     step = max(1, _CHUNK_VALUES // max(1, images[0].size))
+    low, high = np.inf, -np.inf
     for start in range(0, len(images), step):
-        if not np.isfinite(images[start : start + step]).all():
+        chunk = images[start : start + step]
+        if not np.isfinite(chunk).all():
             raise DataError("images contain NaN or infinite values")
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+    if _PIXEL_RANGE[0] - _RANGE_SLACK <= low and high <= _PIXEL_RANGE[1] + _RANGE_SLACK:
+        return ()
+    found = f"float images range from {low:.4g} to {high:.4g}; expected [0, 1] pixel units"
+    if max(abs(low), abs(high)) > _MAX_PIXEL:
+        raise DataError(f"{found}, and values beyond +-{_MAX_PIXEL} cannot be pixels of any scale",
+                        hint="scale the images to [0, 1] (or save 0-255 images as uint8)")
+    if stats_given:
+        raise DataError(f"{found}, and --mean/--std (in [0, 1] pixel units) would mis-normalise them",
+                        hint="scale the images to [0, 1] (divide 0-255 values by 255), or omit --mean/--std "
+                             "to compute them on the data")
+    return (f"{found}; they were normalised with statistics computed on them, which works only if the "
+            "deployed model gets images scaled the same way",)
 
 
 def _check_labels(labels: np.ndarray, *, num_images: int) -> np.ndarray:

@@ -147,8 +147,25 @@ def _load_state_dict(model: nn.Module, state: dict[str, torch.Tensor], arch: str
 
 def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False,
                image_size: int | None = None) -> LoadedModel:
-    """Load ``path`` as described in ``SUPPORTED``; the model comes back in eval mode on the CPU."""
-    path = Path(path)
+    """Load ``path`` as described in ``SUPPORTED``; the model comes back in eval mode on the CPU, and
+    only with finite weights."""
+    loaded = _load(Path(path), arch=arch, trust_pickle=trust_pickle, image_size=image_size)
+    check_finite(loaded.model, Path(path))
+    return loaded
+
+
+def check_finite(model: nn.Module, path: Path) -> None:
+    """Refuse a model holding NaN or infinite weights or buffers: every output it gave would be NaN, and
+    a report of its compression would be meaningless."""
+    bad = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ModelLoadError(f"{path} holds NaN or infinite values in {len(bad)} tensor(s): {shown}",
+                             hint="the training that produced it diverged; use an earlier checkpoint")
+
+
+def _load(path: Path, *, arch: str | None, trust_pickle: bool, image_size: int | None) -> LoadedModel:
     if not path.is_file():
         raise ModelLoadError(f"model file {path} not found" if not path.exists() else f"{path} is not a file")
     _reject_unprunable(path)

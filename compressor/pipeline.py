@@ -82,6 +82,9 @@ def check_fit(model: nn.Module, data: LoadedData) -> int:
                         hint="check the channel count and image size the model expects") from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise DataError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; a classifier giving (batch, classes) logits is expected")
+    if not torch.isfinite(out).all():
+        raise DataError("the model's outputs on the data's images hold NaN or infinite values",
+                        hint="check the model's weights and the data's scale (--mean, --std)")
     classes = int(out.shape[1])
     if data.info.num_classes > classes:
         raise DataError(f"labels go up to {data.info.num_classes - 1} but the model's classifier has {classes} outputs",
@@ -145,7 +148,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
     """
     events = EventStream.wrap(progress, cancel)
     clock = _Clock(events)
-    outputs.check_output_dir(config.output_dir, overwrite=config.overwrite, inputs=(config.model_path, config.data_path))
+    outputs.check_output_dir(config.output_dir, overwrite=config.overwrite, inputs=(config.model_path, config.data_path),
+                             needed_bytes=outputs.expected_bytes(config.model_path))
     torch.manual_seed(config.seed)
     device = _device(config)
     with clock.stage("load"):
@@ -243,10 +247,11 @@ def _validate(config: CompressConfig, loaded: Loaded, scheduled: schedules.Sched
     return validation, layers
 
 
-def _notes(resolved: Resolved, scheduled: schedules.ScheduleResult) -> list[str]:
+def _notes(loaded: Loaded, acc_original: float, resolved: Resolved, scheduled: schedules.ScheduleResult) -> list[str]:
     """The run's warnings other than the speed warnings, in the order the stages raise them."""
     prune, finetune = scheduled.prune, scheduled.finetune
-    notes = [resolved.rounding_note] if resolved.rounding_note else []
+    notes = list(loaded.data.notes) + report.chance_warnings(acc_original, loaded.classes)
+    notes += [resolved.rounding_note] if resolved.rounding_note else []
     notes += [f"group {unsafe} broke the model when pruned; it was left unpruned" for unsafe in prune.unsafe_groups]
     if prune.off_multiple:
         notes.append(f"to land within 1% of the FLOPs target, group {prune.off_multiple[0]} keeps a width "
@@ -275,7 +280,7 @@ def _result(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Re
         accuracy_pruned_recalibrated=final_prune.accuracy_recalibrated,
         accuracy_compressed=_accuracy(reference, loaded.data), finetune=scheduled.finetune, validation=validation,
         onnx_bytes=exported.compressed.bytes, onnx_original_bytes=exported.original.bytes,
-        stage_seconds=seconds, device=str(device), versions=_versions(), warnings=_notes(resolved, scheduled),
+        stage_seconds=seconds, device=str(device), versions=_versions(), warnings=_notes(loaded, acc_original, resolved, scheduled),
         speed_warnings=report.speed_warnings(validation, resolved.latency_search, round_to=resolved.round_to),
         schedule=scheduled, requested_flops=config.target_flops, latency_search=resolved.latency_search,
         layer_profile=layers,

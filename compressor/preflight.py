@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import flops, pruning
-from .errors import GraphError, TargetUnreachableError
+from .errors import DataError, GraphError, TargetUnreachableError
 from .graph import CouplingGraph, attention_heads, trace
 from .progress import Progress
 
@@ -62,6 +62,18 @@ def check_prunable(graph: CouplingGraph) -> None:
                          hint="structured pruning needs convolution or linear layers whose width is not fixed by the output")
 
 
+def check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
+    """Run the model once on ``example_input`` and say, in one line, why it fails if it does."""
+    try:
+        with torch.no_grad():
+            model.eval()(example_input)
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        why = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+        raise DataError(f"the model fails on an input of shape {tuple(example_input.shape[1:])}: {why}",
+                        hint="check --input-shape: the channel count and image size the model expects") from exc
+
+
 def describe(graph: CouplingGraph) -> Inspection:
     """What tracing found, without probing any pruned copy: FLOPs and parameters, groups, protected
     layers, attention, frozen and unwrapped parameters (``compress`` reports this as its pre-flight;
@@ -97,6 +109,7 @@ def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fr
     """Trace ``model`` (within the budgets of :func:`~compressor.graph.trace`) and report its groups, those
     the search would leave unpruned because pruning them breaks the model, and the smallest FLOPs ratio
     the search can reach."""
+    check_runs(model, example_input)
     graph = trace(model, example_input, timeout=timeout, memory=memory, progress=progress,
                   attention_pruning=attention_pruning)
     check_prunable(graph)

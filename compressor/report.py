@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import strict_json
 from .data import DataInfo
 from .finetune import FinetuneResult
 from .latency import LatencySearchResult
@@ -90,8 +91,28 @@ def _latency_ratio(validation: ValidationResult, batch: int) -> float | None:
     return None
 
 
+def chance_warnings(accuracy: float, classes: int) -> list[str]:
+    """A warning when the original model is no better than chance on its own data: the data's scale,
+    its normalisation or its labels are then most likely not what the model was trained on."""
+    chance = 1 / max(classes, 1)
+    if classes < 2 or accuracy > chance + CHANCE_MARGIN * (1 - chance):
+        return []
+    return [f"the original model scores {accuracy:.1%} on the validation data, about chance level for {classes} "
+            f"classes ({chance:.1%}): check that the images are scaled as in training (--mean, --std, [0, 1] "
+            "pixel units) and that the labels are the model's class indices"]
+
+
+CHANCE_MARGIN = 0.1
+"""An accuracy within this share of the way from chance to 100% counts as chance level."""
+
+
 def to_dict(r: CompressResult) -> dict[str, Any]:
-    """The JSON report. Key names are a public contract: add, never rename."""
+    """The JSON report, strict JSON: a value that is not finite is ``null``, with the reason under
+    ``null_reasons``. Key names are a public contract: add, never rename."""
+    return strict_json.nulls_for_non_finite(_raw_dict(r))
+
+
+def _raw_dict(r: CompressResult) -> dict[str, Any]:
     lat = {f"batch{l.batch}": {"original": l.original_ms, "compressed": l.compressed_ms, "speedup": l.speedup,
                                "original_spread": l.original_spread_ms, "compressed_spread": l.compressed_spread_ms,
                                "runs": l.runs}
@@ -201,7 +222,7 @@ def table_rows(r: CompressResult) -> list[tuple[str, str, str, str]]:
 
 
 def to_markdown(r: CompressResult) -> str:
-    d = to_dict(r)
+    d = _raw_dict(r)
     lines = [f"# Compression report: {r.model.get('source', '')}", "",
              f"Target {r.prune.target_ratio:g} of the original FLOPs, criterion `{r.criterion}`"
              + (f", schedule `{r.schedule.name}`" if r.schedule else "") + "; "
@@ -285,5 +306,5 @@ def to_markdown(r: CompressResult) -> str:
 
 
 def write_reports(r: CompressResult, directory: Path) -> None:
-    (directory / "report.json").write_text(json.dumps(to_dict(r), indent=2) + "\n")
+    (directory / "report.json").write_text(json.dumps(to_dict(r), indent=2, allow_nan=False) + "\n")
     (directory / "report.md").write_text(to_markdown(r))
