@@ -118,7 +118,7 @@ def compress(
         if speed:
             err.print(alert_panel(speed))  # on stderr, so that --json output stays parseable
         if not json_output:
-            out.print(f"Wrote {result.out_dir}/: model.onnx, original.onnx, model.pt, report.json, report.md", highlight=False)
+            out.print(f"Wrote {result.out_dir}/: model.onnx, original.onnx, model.pt, report.json, report.md, report.html, plots/", highlight=False)
 
     run_guarded(job)
 

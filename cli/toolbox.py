@@ -135,5 +135,10 @@ def list_models() -> None:
         out.print(name)
 
 
+from ._compare import compare_command  # noqa: E402
+
+app.command("compare")(compare_command)
+
+
 def main() -> None:
     app()

@@ -59,3 +59,7 @@ class ValidationError(CompressorError):
 
 class OutputExistsError(CompressorError):
     """The output directory exists and --overwrite was not given."""
+
+
+class ReportError(CompressorError):
+    """A run directory has no readable report.json (``compressor compare``)."""
