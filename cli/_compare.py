@@ -23,7 +23,9 @@ def compare_command(
         from compressor.compare import TABLE_HEADER, compare, table_rows
 
         result = compare(runs, out=out_file)
-        table = Table(*TABLE_HEADER)
+        table = Table()
+        for i, name in enumerate(TABLE_HEADER):  # a narrow terminal folds the figures rather than cut the names
+            table.add_column(name, no_wrap=i == 0, overflow="fold")
         for row in table_rows(result.runs):
             table.add_row(*(Text(c) for c in row))  # run names are not markup
         out.print(table)
