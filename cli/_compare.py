@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -23,7 +24,7 @@ def compare_command(
         from compressor.compare import TABLE_HEADER, compare, table_rows
 
         result = compare(runs, out=out_file)
-        table = Table()
+        table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
         for i, name in enumerate(TABLE_HEADER):  # a narrow terminal folds the figures rather than cut the names
             table.add_column(name, no_wrap=i == 0, overflow="fold")
         for row in table_rows(result.runs):

@@ -167,8 +167,8 @@ def table_rows(runs: list[RunSummary]) -> list[tuple[str, ...]]:
     return rows
 
 
-TABLE_HEADER = ("run", "criterion", "schedule", "FLOPs", "params", "accuracy", "change (pts)", "speed-up b1",
-                "speed-up b64")
+TABLE_HEADER = ("run", "criterion", "schedule", "FLOPs", "params", "accuracy", "Δ pts", "speed b1", "speed b64")
+"""FLOPs and params: ratios to the original; accuracy: ONNX, validation split; speed: speed-up at batch 1 and 64."""
 
 
 def _page(runs: list[RunSummary], png: Path, page: Path) -> None:

@@ -218,7 +218,7 @@ def draw_latency(report: dict[str, Any]) -> Drawn | None:
         ax.bar([0, 1], [o, c], yerr=yerr, capsize=6, color=[BEFORE, AFTER])
         ax.set_xticks([0, 1], ["original", "compressed"])
         speed = num(v.get("speedup"))
-        ax.set_title(f"batch {k.removeprefix('batch')}: " + (f"{speed:.2f}x" if _ok(speed) else "-"))
+        ax.set_title(f"batch {k.removeprefix('batch')}: " + (f"{speed:.2f}x speed-up" if _ok(speed) else "-"))
         ax.set_ylabel("median ms per batch")
     provider = str((report.get("onnx") or {}).get("provider") or "")
     fig.suptitle(f"Latency, {provider.replace('ExecutionProvider', '')} (bars: interquartile range of the runs)",
