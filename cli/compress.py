@@ -157,7 +157,7 @@ def _render_result(result, *, model_name: str, json_output: bool) -> None:
     if speed:
         err.print(alert_panel(speed))  # on stderr, so that --json output stays parseable
     if not json_output:
-        out.print(f"Wrote {literal(result.out_dir)}/: model.onnx, original.onnx, model.pt, report.json, report.md",
+        out.print(f"Wrote {literal(result.out_dir)}/: model.onnx, original.onnx, model.pt, report.json, report.md, report.html, plots/",
                   highlight=False)
 
 

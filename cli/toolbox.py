@@ -136,5 +136,10 @@ def list_models() -> None:
         out.print(literal(name), highlight=False)
 
 
+from ._compare import compare_command  # noqa: E402
+
+app.command("compare")(compare_command)
+
+
 def main() -> None:
     app()

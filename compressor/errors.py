@@ -75,3 +75,7 @@ class Cancelled(CompressorError):
 
 class ParityError(CompressorError):
     """The exported ONNX model's outputs differ from PyTorch's by more than the parity tolerance."""
+
+
+class ReportError(CompressorError):
+    """A run directory has no readable report.json (``compressor compare``)."""

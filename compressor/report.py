@@ -308,3 +308,5 @@ def to_markdown(r: CompressResult) -> str:
 def write_reports(r: CompressResult, directory: Path) -> None:
     (directory / "report.json").write_text(json.dumps(to_dict(r), indent=2, allow_nan=False) + "\n")
     (directory / "report.md").write_text(to_markdown(r))
+    from .html_report import write_visual_report  # matplotlib only when a report is written
+    write_visual_report(directory)

@@ -20,7 +20,7 @@ from compressor.models import list_models
 from compressor.validate import open_session
 from _tiny import IMAGE_SIZE, NUM_CLASSES, make_images, save_npz, tiny_resnet20
 
-OUTPUTS = {"model.onnx", "original.onnx", "model.pt", "report.json", "report.md"}
+OUTPUTS = {"model.onnx", "original.onnx", "model.pt", "report.json", "report.md", "report.html", "plots"}
 REPORT_KEYS = [
     "flops.original", "flops.compressed", "flops.target_ratio", "flops.achieved_ratio",
     "params.original", "params.compressed",
