@@ -135,5 +135,10 @@ def list_models() -> None:
         out.print(name)
 
 
+from .service import register as _register_service  # noqa: E402
+
+_register_service(app)
+
+
 def main() -> None:
     app()
