@@ -23,6 +23,7 @@ from .events import read_events
 from .store import TERMINAL, Store
 
 # Options a job may not set: the service owns paths and never unpickles.
+_PAIRS = {"mean": ("std",), "std": ("mean",)}
 _RESERVED = {"model_path", "data_path", "out_dir", "overwrite", "trust_pickle"}
 
 
@@ -56,6 +57,9 @@ def check_options(options: Any, allow_arch: tuple[str, ...]) -> dict[str, Any]:
         else:
             try:
                 kw = dict(base, **{key: tuple(value) if isinstance(value, list) else value})
+                for partner in _PAIRS.get(key, ()):  # checked together: alone each one is an error
+                    if isinstance(options.get(partner), list):
+                        kw[partner] = tuple(options[partner])
                 if key == "target_latency":
                     kw.pop("target_flops")
                 CompressConfig(**kw)
