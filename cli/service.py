@@ -39,6 +39,7 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (non-loop
           job_timeout: Annotated[float, typer.Option(help="Seconds a job may run before it is stopped.")] = 3600.0,
           max_attempts: Annotated[int, typer.Option(help="Times a job interrupted by a dead worker is tried.")] = 2,
           max_upload_mb: Annotated[int, typer.Option(help="Largest upload, MiB.")] = 512,
+          max_unpacked_mb: Annotated[int, typer.Option(help="Most bytes a data .zip may unpack to, MiB.")] = 2048,
           allow_arch: Annotated[Optional[list[str]], typer.Option(help="package.module:factory archs jobs may use.")] = None,
           ) -> None:
     """Run the HTTP API (and, by default, one embedded worker)."""
@@ -61,6 +62,7 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (non-loop
             child = subprocess.Popen(cmd)
         try:
             app = create_app(ServiceConfig(data_dir=data_dir, broker=broker, max_upload_bytes=max_upload_mb * 2**20,
+                                           max_zip_bytes=max_unpacked_mb * 2**20,
                                            allow_arch=tuple(allow_arch or ())))
             uvicorn.run(app, host=host, port=port, log_level="warning")
         finally:

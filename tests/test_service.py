@@ -138,3 +138,109 @@ def test_bad_options_are_all_named_and_nothing_queued(server, small_data):
     assert set(fields) == {"arch", "target_flops", "epochs", "bogus", "out_dir"}
     assert "--target-flops must lie strictly between 0 and 1, got 2" in fields["target_flops"]
     assert httpx.get(server.url + "/v1/jobs").json() == []
+
+
+def _token(data_dir: Path, owner: str) -> str:
+    out = subprocess.run([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", "token", "create",
+                          owner, "--data-dir", str(data_dir)], capture_output=True, text=True, check=True).stdout
+    return out.split()[-1]
+
+
+def test_tokens_and_tenant_matrix(tmp_path, small_data):
+    data_dir = tmp_path / "svc"
+    alice, bob = _token(data_dir, "alice"), _token(data_dir, "bob")
+    assert alice != bob and alice not in (data_dir / "service.db").read_bytes().decode("latin-1")
+    s = Server(data_dir, "--workers", "0")
+    try:
+        a, b = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+        assert httpx.get(s.url + "/v1/jobs").status_code == 401
+        assert httpx.get(s.url + "/v1/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert _upload(s.url, small_data).status_code == 401
+        m, d = _files(s.url, small_data, a)
+        job = _submit(s.url, m, d, headers=a).json()
+        assert _submit(s.url, m, d, headers=b).status_code == 404  # bob cannot use alice's files
+        for method, path in (("GET", ""), ("GET", "/events"), ("GET", "/artifacts"), ("POST", "/cancel"),
+                             ("DELETE", "")):
+            assert httpx.request(method, f"{s.url}/v1/jobs/{job['id']}{path}", headers=b).status_code == 404
+            assert httpx.request(method, f"{s.url}/v1/jobs/{job['id']}{path}").status_code == 401
+        assert httpx.get(s.url + "/v1/jobs", headers=b).json() == []
+        assert [j["id"] for j in httpx.get(s.url + "/v1/jobs", headers=a).json()] == [job["id"]]
+        # a queued job never starts once canceled (no worker runs here, so it is surely still queued)
+        r = httpx.post(f"{s.url}/v1/jobs/{job['id']}/cancel", headers=a)
+        assert r.json()["status"] == "canceled"
+    finally:
+        s.stop()
+    w = _cli("worker", "--data-dir", str(data_dir))
+    try:
+        time.sleep(8)
+        assert not (data_dir / "jobs" / job["id"] / "events.jsonl").exists()
+    finally:
+        os.killpg(w.pid, signal.SIGKILL)
+        w.wait()
+
+
+def test_serve_refuses_public_host_without_tokens(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", "serve", "--host",
+                        "0.0.0.0", "--data-dir", str(tmp_path / "svc")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "refusing to listen on 0.0.0.0 without tokens" in r.stderr
+
+
+def test_cancel_running_job_kills_it(server, small_data):
+    m, d = _files(server.url, small_data)
+    job = _submit(server.url, m, d, dict(OPTS, epochs=50)).json()
+    _wait(server.url, job["id"], until=("running",), timeout=60)
+    time.sleep(2)
+    t0 = time.time()
+    r = httpx.post(f"{server.url}/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 200
+    done = _wait(server.url, job["id"], timeout=15)
+    assert done["status"] == "canceled" and time.time() - t0 < 10
+    assert not (server.data_dir / "jobs" / job["id"] / "out").exists()
+    assert httpx.get(f"{server.url}/v1/jobs/{job['id']}/artifacts").json() == []
+
+
+def _zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for info, data in entries:
+            zf.writestr(info, data)
+    return buf.getvalue()
+
+
+def test_bad_uploads(tmp_path):
+    s = Server(tmp_path / "svc", "--workers", "0", "--max-upload-mb", "1", "--max-unpacked-mb", "64")
+    try:
+        def up(name: str, body: bytes) -> httpx.Response:
+            return httpx.post(s.url + "/v1/files", files={"file": (name, body)}, timeout=60)
+
+        r = up("data.zip", _zip([("../evil.txt", b"x")]))
+        assert r.status_code == 422 and "outside the folder" in r.json()["error"]
+        r = up("data.zip", _zip([("/etc/evil", b"x")]))
+        assert r.status_code == 422
+        link = zipfile.ZipInfo("a/link")
+        link.external_attr = (0o120777 << 16)
+        r = up("data.zip", _zip([(link, b"/etc/passwd")]))
+        assert r.status_code == 422 and "link" in r.json()["error"]
+        ok = up("data.zip", _zip([("a/x.bin", b"\0" * 2**20)]))  # a 1 MiB zero file deflates to KBs: fine
+        assert ok.status_code == 201, ok.text
+        bomb = _zip([(f"c/{i}.bin", b"\0" * (600 * 2**20 // 16)) for i in range(16)])  # ~600 MiB unpacked
+        assert len(bomb) < 2**20
+        r = up("data.zip", bomb)
+        assert r.status_code == 422 and "unpacks to more than" in r.json()["error"]
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path}/pwned",))
+
+        import pickle
+        r = up("model.pt", pickle.dumps({"w": Evil()}))
+        assert r.status_code == 422 and "weights only" in r.json()["error"]
+        assert not (tmp_path / "pwned").exists()
+        r = up("model.pt", os.urandom(2 * 2**20))
+        assert r.status_code == 413 and "larger than the limit" in r.json()["error"]
+        r = up("model.exe", b"MZ")
+        assert r.status_code == 422 and "cannot take a .exe file" in r.json()["error"]
+        assert [f["id"] for f in httpx.get(s.url + "/v1/files").json()] == [ok.json()["id"]]
+        assert [p.name for p in (tmp_path / "svc" / "files").iterdir()] == [ok.json()["id"]]
+    finally:
+        s.stop()

@@ -94,7 +94,7 @@ def safe_extract(zip_path: Path, dest: Path, *, max_files: int, max_bytes: int) 
             if name.startswith(("/", "\\")) or p.is_absolute() or ".." in p.parts or ":" in name or "\\" in name:
                 raise BadUpload(f"the zip entry {name!r} points outside the folder")
             mode = info.external_attr >> 16
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise BadUpload(f"the zip entry {name!r} is a link or device file")
             total += info.file_size
             if total > max_bytes:
