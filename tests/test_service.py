@@ -244,3 +244,27 @@ def test_bad_uploads(tmp_path):
         assert [p.name for p in (tmp_path / "svc" / "files").iterdir()] == [ok.json()["id"]]
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_job_then_restarted(tmp_path, small_data):
+    data_dir = tmp_path / "svc"
+    s = Server(data_dir, "--workers", "0")
+    w = _cli("worker", "--data-dir", str(data_dir))
+    try:
+        m, d = _files(s.url, small_data)
+        job = _submit(s.url, m, d, dict(OPTS, epochs=2)).json()
+        _wait(s.url, job["id"], until=("running",), timeout=60)
+        time.sleep(3)
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait()
+        time.sleep(1)
+        assert httpx.get(f"{s.url}/v1/jobs/{job['id']}").json()["status"] == "running"  # nobody knows yet
+        w = _cli("worker", "--data-dir", str(data_dir))
+        done = _wait(s.url, job["id"], timeout=240)
+        assert done["status"] == "succeeded" or (done["status"] == "failed" and "interrupted" in done["error"]), done
+        assert done["attempts"] == 2
+    finally:
+        os.killpg(w.pid, signal.SIGKILL)
+        w.wait()
+        s.stop()

@@ -49,6 +49,17 @@ def _kill(proc: subprocess.Popen) -> None:
             continue
 
 
+def _die_with_parent() -> None:
+    """In the job's process: die when the worker thread that started it dies (Linux), so a killed worker
+    leaves no orphan job running unseen."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def run_job(data_dir: Path, job_id: str, settings: dict[str, Any]) -> None:
     store = Store(data_dir)
     if not store.claim(job_id):
@@ -59,7 +70,8 @@ def run_job(data_dir: Path, job_id: str, settings: dict[str, Any]) -> None:
     (job_dir / "error.json").unlink(missing_ok=True)
     log = open(job_dir / "worker.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "compressor.service.worker", str(job_dir)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     store.set_pid(job_id, proc.pid)
     deadline = time.monotonic() + float(settings.get("job_timeout") or 3600.0)
     try:
