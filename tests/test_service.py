@@ -268,3 +268,60 @@ def test_worker_killed_mid_job_then_restarted(tmp_path, small_data):
         os.killpg(w.pid, signal.SIGKILL)
         w.wait()
         s.stop()
+
+
+def test_submit_client_downloads_artifacts(server, small_data, tmp_path):
+    out = tmp_path / "got"
+    r = subprocess.run([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", "submit",
+                        str(DEMO / "resnet20_fmnist.pt"), "--data", str(small_data), "--url", server.url,
+                        "--out", str(out), "-o", "arch=resnet20", "-o", "target_flops=0.5", "-o", "epochs=0",
+                        "-o", "mean=[0.286]", "-o", "std=[0.353]", "-o", "latency_runs=5", "-o", "device=cpu"],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert any(p.suffix == ".onnx" for p in out.iterdir()) and (out / "report.json").exists()
+    assert not list(out.glob("*.part"))
+    bad = subprocess.run([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", "submit",
+                          str(DEMO / "resnet20_fmnist.pt"), "--data", str(small_data), "--url", server.url,
+                          "-o", "arch=resnet20", "-o", "target_flops=7"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "target_flops: --target-flops must lie strictly between 0 and 1" in bad.stderr
+
+
+def _redis(tmp_path: Path) -> tuple[subprocess.Popen, int]:
+    import shutil
+
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is missing: .ci/run installs it (apt-get install -y redis-server)"
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, start_new_session=True)
+    import redis
+
+    deadline = time.time() + 20
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return proc, port
+        except redis.ConnectionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_redis_broker_with_separate_worker(tmp_path, small_data):
+    rproc, port = _redis(tmp_path)
+    broker = f"redis://127.0.0.1:{port}/0"
+    data_dir = tmp_path / "shared"
+    s = Server(data_dir, "--workers", "0", "--broker", broker)
+    w = _cli("worker", "--broker", broker, "--data-dir", str(data_dir))
+    try:
+        m, d = _files(s.url, small_data)
+        job = _submit(s.url, m, d).json()
+        done = _wait(s.url, job["id"])
+        assert done["status"] == "succeeded", done
+        assert not (data_dir / "queue.db").exists()  # the queue lived in Redis, not in SQLite
+    finally:
+        os.killpg(w.pid, signal.SIGKILL)
+        w.wait()
+        s.stop()
+        rproc.kill()
+        rproc.wait()
