@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--broker", default=None)
     ap.add_argument("--images", type=int, default=300)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server and workers
     tmp = Path(tempfile.mkdtemp(prefix="service-load-"))
     z = np.load(DEMO / "fmnist_sample.npz")
     data = tmp / "small.npz"

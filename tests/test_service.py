@@ -325,3 +325,26 @@ def test_redis_broker_with_separate_worker(tmp_path, small_data):
         s.stop()
         rproc.kill()
         rproc.wait()
+
+
+def test_short_of_space_is_507(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from compressor.service.app import ServiceConfig, create_app
+
+    client = TestClient(create_app(ServiceConfig(data_dir=tmp_path / "svc", min_free_bytes=2**62)))
+    r = client.post("/v1/files", files={"file": ("m.pt", b"x")})
+    assert r.status_code == 507 and "MiB free, below" in r.json()["error"]
+    assert list((tmp_path / "svc" / "files").iterdir()) == []
+
+
+def test_job_past_timeout_is_stopped(tmp_path, small_data):
+    s = Server(tmp_path / "svc", "--job-timeout", "4")
+    try:
+        m, d = _files(s.url, small_data)
+        job = _submit(s.url, m, d, dict(OPTS, epochs=50)).json()
+        done = _wait(s.url, job["id"], timeout=60)
+        assert done["status"] == "failed" and "ran past --job-timeout (4.0 s)" in done["error"], done
+        assert not (s.data_dir / "jobs" / job["id"] / "out").exists()
+    finally:
+        s.stop()
