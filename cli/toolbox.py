@@ -141,5 +141,10 @@ from ._compare import compare_command  # noqa: E402
 app.command("compare")(compare_command)
 
 
+from .service import register as _register_service  # noqa: E402
+
+_register_service(app)
+
+
 def main() -> None:
     app()

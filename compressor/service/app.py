@@ -1,0 +1,238 @@
+"""The HTTP API (FastAPI). Every CompressorError becomes one JSON error with the CLI's one-line text."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import Body, Depends, FastAPI, File, Header, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+from compressor.errors import CompressorError
+
+from . import uploads
+from .auth import owner_of
+from .errors import BadOptions, BadUpload, Conflict, NotFound
+from .events import read_events
+from .store import TERMINAL, Store
+
+# Options a job may not set: the service owns paths and never unpickles.
+_PAIRS = {"mean": ("std",), "std": ("mean",)}
+_RESERVED = {"model_path", "data_path", "out_dir", "overwrite", "trust_pickle"}
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    data_dir: Path
+    broker: str | None = None
+    max_upload_bytes: int = 512 * 2**20
+    max_zip_files: int = 100_000
+    max_zip_bytes: int = 2 * 2**30
+    min_free_bytes: int = 256 * 2**20
+    allow_arch: tuple[str, ...] = ()
+
+
+def check_options(options: Any, allow_arch: tuple[str, ...]) -> dict[str, Any]:
+    """Validate a job's options by building CompressConfig, one field at a time so that every bad one is named."""
+    from compressor.config import CompressConfig
+
+    if not isinstance(options, dict):
+        raise BadOptions({"options": "must be a JSON object of CompressConfig fields"})
+    fields = {f.name for f in dataclasses.fields(CompressConfig)}
+    errors: dict[str, str] = {}
+    base = {"model_path": Path("m.pt"), "data_path": Path("d.npz"), "target_flops": 0.5}
+    for key, value in options.items():
+        if key in _RESERVED:
+            errors[key] = "is set by the service"
+        elif key not in fields:
+            errors[key] = "is not an option of compress"
+        elif isinstance(value, (dict,)):
+            errors[key] = "must be a number, string, boolean, list or null"
+        else:
+            try:
+                kw = dict(base, **{key: tuple(value) if isinstance(value, list) else value})
+                for partner in _PAIRS.get(key, ()):  # checked together: alone each one is an error
+                    if isinstance(options.get(partner), list):
+                        kw[partner] = tuple(options[partner])
+                if key == "target_latency":
+                    kw.pop("target_flops")
+                CompressConfig(**kw)
+            except CompressorError as exc:
+                errors[key] = exc.message
+            except (TypeError, ValueError) as exc:
+                errors[key] = f"has the wrong type ({exc})"
+    arch = options.get("arch")
+    if arch is None and "arch" not in errors:
+        errors["arch"] = "is required (the service loads state dicts only)"
+    elif isinstance(arch, str):
+        from compressor.models import list_models
+
+        if arch not in list_models() and arch not in allow_arch:
+            errors["arch"] = f"{arch!r} is neither a registered model nor on the server's --allow-arch"
+    elif "arch" not in errors:
+        errors["arch"] = "must be a string"
+    if not errors:
+        try:
+            CompressConfig(**dict({"model_path": Path("m.pt"), "data_path": Path("d.npz")},
+                                  **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
+        except CompressorError as exc:
+            errors["options"] = exc.message
+        except (TypeError, ValueError) as exc:
+            errors["options"] = str(exc)
+    if errors:
+        raise BadOptions(errors)
+    return options
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    from .queue import make_huey
+
+    store = Store(config.data_dir)
+    huey = make_huey(config.data_dir, config.broker)
+    app = FastAPI(title="compressor", version="1")
+
+    @app.exception_handler(CompressorError)
+    async def _compressor_error(request: Request, exc: CompressorError) -> JSONResponse:
+        body: dict[str, Any] = {"error": exc.message}
+        if exc.hint:
+            body["hint"] = exc.hint
+        if isinstance(exc, BadOptions):
+            body["fields"] = exc.errors
+        return JSONResponse(body, status_code=getattr(exc, "status", 422))
+
+    def owner(authorization: Optional[str] = Header(None)) -> str:
+        return owner_of(store, authorization)
+
+    def job_of(job_id: str, who: str):
+        job = store.get_job(job_id, who)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        return job
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"ok": True, "free_bytes": shutil.disk_usage(config.data_dir).free}
+
+    @app.post("/v1/files", status_code=201)
+    def upload(file: UploadFile = File(...), who: str = Depends(owner)) -> dict:
+        name = Path(file.filename or "upload").name
+        kind = uploads.kind_of(name)
+        uploads.check_space(config.data_dir, file.size or 0, config.min_free_bytes)
+        file_id = uuid.uuid4().hex[:16]
+        fdir = config.data_dir / "files" / file_id
+        fdir.mkdir(parents=True)
+        try:
+            dest = fdir / name
+            size, sha = uploads.save_stream(file.file, dest, config.max_upload_bytes)
+            if kind == "model":
+                uploads.check_model(dest)
+                path = dest
+            elif dest.suffix.lower() == ".npz":
+                uploads.check_npz(dest)
+                path = dest
+            else:
+                path = fdir / "data"
+                uploads.safe_extract(dest, path, max_files=config.max_zip_files, max_bytes=config.max_zip_bytes)
+                dest.unlink()
+        except BaseException:
+            shutil.rmtree(fdir, ignore_errors=True)
+            raise
+        row = store.add_file(who, name, kind, size, sha, path, file_id)
+        return {k: row[k] for k in ("id", "name", "kind", "size", "sha256", "created")}
+
+    @app.get("/v1/files")
+    def files(who: str = Depends(owner)) -> list[dict]:
+        return [{k: r[k] for k in ("id", "name", "kind", "size", "sha256", "created")} for r in store.list_files(who)]
+
+    @app.post("/v1/jobs", status_code=201)
+    def submit(body: dict = Body(...), who: str = Depends(owner)) -> dict:
+        model, data = body.get("model"), body.get("data")
+        options = check_options(body.get("options", {}), config.allow_arch)
+        mrow = store.get_file(who, model) if isinstance(model, str) else None
+        drow = store.get_file(who, data) if isinstance(data, str) else None
+        if mrow is None or mrow["kind"] != "model":
+            raise NotFound(f"no model file {model}")
+        if drow is None or drow["kind"] != "data":
+            raise NotFound(f"no data file {data}")
+        uploads.check_space(config.data_dir, 0, config.min_free_bytes)
+        job = store.add_job(who, options, model, data)
+        jdir = store.job_dir(job.id)
+        jdir.mkdir(parents=True)
+        (jdir / "job.json").write_text(json.dumps({"options": options, "model_path": mrow["path"],
+                                                   "data_path": drow["path"], "out_dir": str(jdir / "out")}))
+        huey.run_job(job.id)
+        return job.public()
+
+    @app.get("/v1/jobs")
+    def jobs(status: Optional[str] = None, who: str = Depends(owner)) -> list[dict]:
+        return [j.public() for j in store.list_jobs(who, status)]
+
+    @app.get("/v1/jobs/{job_id}")
+    def job(job_id: str, who: str = Depends(owner)) -> dict:
+        return job_of(job_id, who).public()
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: str, who: str = Depends(owner)) -> dict:
+        j = job_of(job_id, who)
+        if j.status in TERMINAL:
+            raise Conflict(f"job {job_id} has already {j.status}")
+        store.request_cancel(job_id)
+        return store.get_job(job_id).public()
+
+    @app.delete("/v1/jobs/{job_id}", status_code=204)
+    def delete(job_id: str, who: str = Depends(owner)) -> None:
+        j = job_of(job_id, who)
+        if j.status not in TERMINAL:
+            store.request_cancel(job_id)
+        store.delete_job(job_id)
+        shutil.rmtree(store.job_dir(job_id), ignore_errors=True)
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def events(job_id: str, request: Request, after: int = 0, who: str = Depends(owner)):
+        job_of(job_id, who)
+        path = store.job_dir(job_id) / "events.jsonl"
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            return read_events(path, max(after, 0))
+
+        async def stream():
+            n = max(after, 0)
+            while True:
+                for ev in read_events(path, n):
+                    n = ev["n"]
+                    yield f"id: {n}\ndata: {json.dumps(ev)}\n\n"
+                j = store.get_job(job_id)
+                if j is None or j.status in TERMINAL:
+                    yield f"event: end\ndata: {json.dumps({'status': j.status if j else 'deleted'})}\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.5)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/v1/jobs/{job_id}/artifacts")
+    def artifacts(job_id: str, who: str = Depends(owner)) -> list[dict]:
+        j = job_of(job_id, who)
+        out = store.job_dir(job_id) / "out"
+        if j.status != "succeeded" or not out.is_dir():
+            return []
+        return [{"name": p.name, "size": p.stat().st_size} for p in sorted(out.iterdir()) if p.is_file()]
+
+    @app.get("/v1/jobs/{job_id}/artifacts/{name}")
+    def artifact(job_id: str, name: str, who: str = Depends(owner)) -> FileResponse:
+        j = job_of(job_id, who)
+        out = store.job_dir(job_id) / "out"
+        path = out / name
+        if j.status != "succeeded" or "/" in name or name.startswith(".") or not path.is_file():
+            raise NotFound(f"no artifact {name} in job {job_id}")
+        return FileResponse(path, filename=name)
+
+    app.state.store = store
+    app.state.huey = huey
+    return app
