@@ -85,6 +85,8 @@ def compress(
                                                           "[default: what it holds then plus 90% of the memory "
                                                           "available].")] = None,
     latency_runs: Annotated[int, typer.Option(help="Timed runs per model at batch 1 (a third of that at batch 64).")] = 30,
+    nproc_per_node: Annotated[int, typer.Option(help="Processes that fine-tune data-parallel (DDP: gloo on the CPU, "
+                                                "NCCL on CUDA, one GPU each); --batch-size stays the global batch.")] = 1,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
 ) -> None:
     """Prune MODEL structurally to a FLOPs and/or latency target, fine-tune it for one cycle, and export a smaller,
@@ -105,7 +107,8 @@ def compress(
             lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
-            overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs)
+            overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs,
+            nproc_per_node=nproc_per_node)
         result = run(config, progress=RichProgress())
         speed = alerts(result)
         if json_output:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from . import (__version__, checkpoint, criteria, finetune as ft, graph, latency, outputs, profile, pruning, report,
+from . import (__version__, checkpoint, criteria, distributed, finetune as ft, graph, latency, outputs, profile, pruning, report,
                schedules, validate, watchdog)
 from .calibration import activation_stats, calibrate, prepare_criterion  # noqa: F401  (public here too)
 from .config import CompressConfig
@@ -110,6 +110,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         classes = check_fit(original, data)
         criterion = criteria.get_criterion(config.criterion)
         schedule = schedules.get_schedule(config.schedule, config)
+        distributed.check(config, schedule, device)
 
     with clock.stage("trace"):
         coupling = graph.trace(original, data.val_x[:1], timeout=config.trace_timeout or None,
@@ -135,7 +136,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None) -> rep
         run.start(schedule)
 
     with clock.stage("fine-tune"):
-        scheduled = run.finish(schedule, config.schedule)
+        scheduled = run.finish(schedule, config.schedule, train=distributed.trainer(config))
     pruned, prune_result, finetune_result = scheduled.model, scheduled.prune, scheduled.finetune
     for unsafe in prune_result.unsafe_groups:
         notes.append(f"group {unsafe} broke the model when pruned; it was left unpruned")
