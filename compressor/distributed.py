@@ -101,7 +101,7 @@ class DataParallelCycle(Cycle):
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self._ddp = (self.model, DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=True))
+            self._ddp = (self.model, DistributedDataParallel(self.model, device_ids=ids))  # buffers: rank 0's, every forward
         return self._ddp[1]
 
     def batches(self, generator: torch.Generator, epoch: int) -> Iterator[torch.Tensor]:
