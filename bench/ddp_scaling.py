@@ -31,7 +31,7 @@ from compressor.loading import load_model  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=1600)
+    parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--procs", default="1,2")
     args = parser.parse_args()
     data = load_data(ROOT / "models/demo/fmnist_sample.npz", val_fraction=0.2, seed=0, mean=(0.2860,), std=(0.3530,))
@@ -46,10 +46,12 @@ def main() -> None:
                    teacher=model, device=cpu).run()
     base = res.images_per_second
     rows.append({"processes": "in-process", "images_per_second": base, "ratio": 1.0, "val_accuracy": res.val_accuracy})
+    print(rows[-1], flush=True)
     for n in (int(p) for p in args.procs.split(",")):
         _, r, _ = distributed.launch(model, data, settings, teacher=model, device=cpu, nproc=n)
         rows.append({"processes": n, "images_per_second": r.images_per_second, "ratio": r.images_per_second / base,
                      "val_accuracy": r.val_accuracy})
+        print(rows[-1], flush=True)
     print(json.dumps({"cpus": torch.get_num_threads(), "images": args.images, "rows": rows,
                       "seconds": time.perf_counter() - start}, indent=2))
     print("| processes | images/s | ratio to in-process | val accuracy |\n|---|---|---|---|")
