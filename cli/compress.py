@@ -91,6 +91,8 @@ def compress(
     parity_tolerance: Annotated[Optional[float], typer.Option(help="Largest ONNX-vs-PyTorch logit difference accepted, "
                                                               "as a fraction of the largest logit [default: 1e-3 on "
                                                               "the CPU execution provider, 5e-3 on CUDA].")] = None,
+    nproc_per_node: Annotated[int, typer.Option(help="Processes that fine-tune data-parallel (DDP: gloo on the CPU, "
+                                                "NCCL on CUDA, one GPU each); --batch-size stays the global batch.")] = 1,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
     json_events: Annotated[Optional[str], typer.Option(help="Also write the run's progress events as JSON lines to "
                                                        "this file ('-': stderr, instead of the progress display).")] = None,
@@ -113,7 +115,7 @@ def compress(
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
             overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs,
-            parity_tolerance=parity_tolerance)
+            parity_tolerance=parity_tolerance, nproc_per_node=nproc_per_node)
         with _event_sink(json_events) as sink, cancel_on_sigint() as cancel:
             result = run(config, progress=sink, cancel=cancel)
         try:

@@ -149,6 +149,9 @@ class CompressConfig:
     """Timed runs per model at batch 1 (a third of that, at least 5, at batch 64)."""
     parity_tolerance: float | None = None
     """Largest ONNX-vs-PyTorch logit difference accepted, relative to the largest logit (None: the provider's default)."""
+    nproc_per_node: int = 1
+    """Processes that run the fine-tuning cycle data-parallel (DDP: gloo on the CPU, NCCL on CUDA, one GPU
+    each); ``batch_size`` stays the global batch. See ``compressor.distributed``."""
 
     def __post_init__(self) -> None:
         if self.target_flops is None and self.target_latency is None:
@@ -204,6 +207,11 @@ class CompressConfig:
             raise ConfigError(f"--ocs-decay must be 0 or more, got {self.ocs_decay}")
         if self.cycles < 1:
             raise ConfigError(f"--cycles must be at least 1, got {self.cycles}")
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be at least 1, got {self.nproc_per_node}")
+        if self.batch_size < self.nproc_per_node:
+            raise ConfigError(f"--batch-size {self.batch_size} is the global batch: it must be at least "
+                              f"--nproc-per-node {self.nproc_per_node}")
         if self.calibration_batches < 1:
             raise ConfigError(f"--calibration-batches must be at least 1, got {self.calibration_batches}")
 

@@ -55,6 +55,10 @@ class TargetUnreachableError(CompressorError):
     """The FLOPs target lies below the smallest ratio that structured pruning can reach."""
 
 
+class TrainingError(CompressorError):
+    """Fine-tuning could not go on (a data-parallel worker died)."""
+
+
 class ExportError(CompressorError):
     """The model could not be exported to ONNX, or the ONNX file failed its check."""
 

@@ -42,6 +42,8 @@ class FinetuneResult:
     stopped_early: str | None = None
     """Why training stopped before the end (the model then holds the last good state)."""
     amp: str | None = None
+    processes: int = 1
+    """Data-parallel processes that ran the cycle (``--nproc-per-node``); throughput is theirs together."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -159,6 +161,19 @@ class Cycle:
         self._good_label = "the start of fine-tuning"
 
     @property
+    def net(self) -> nn.Module:
+        """What the training step calls: the model (``distributed`` wraps it in DDP)."""
+        return self.model
+
+    def batches(self, generator: torch.Generator, epoch: int):
+        """The index batches of one epoch (``distributed`` yields this rank's shard)."""
+        perm = torch.randperm(len(self.data.train_x), generator=generator)
+        return (perm[i : i + self.settings.batch_size] for i in range(0, len(perm), self.settings.batch_size))
+
+    def check_step(self) -> None:
+        """Called after every optimiser step, before the schedule's hook (a test hook in ``distributed``)."""
+
+    @property
     def epoch_progress(self) -> float:
         """Epochs done, fractional."""
         return self.step / self.steps_per_epoch
@@ -183,7 +198,7 @@ class Cycle:
     def _loss(self, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.settings
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.model(xb)
+            logits = self.net(xb)
             loss = F.cross_entropy(logits.float(), yb)
             if self.soft is not None:
                 t = s.temperature
@@ -203,9 +218,7 @@ class Cycle:
         for epoch in range(s.epochs):
             self.progress.task(f"fine-tune epoch {epoch + 1}/{s.epochs}", self.steps_per_epoch)
             loss_sum, correct, count = 0.0, 0, 0
-            perm = torch.randperm(len(data.train_x), generator=generator)
-            for i in range(0, len(perm), s.batch_size):
-                idx = perm[i : i + s.batch_size]
+            for idx in self.batches(generator, epoch):
                 xb, yb = data.train_x[idx].to(device, non_blocking=True), data.train_y[idx].to(device, non_blocking=True)
                 self.model.train()
                 self._set_lr()
@@ -224,6 +237,7 @@ class Cycle:
                 correct += (logits.argmax(1) == yb).sum().item()
                 count += len(idx)
                 self.progress.advance(1, loss=last_loss, acc=correct / count)
+                self.check_step()
                 if after_step is not None:
                     after_step(self)
             self.progress.done()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import (__version__, checkpoint, criteria, finetune as ft, graph, outputs, profile, pruning, report, schedules,
+from . import (__version__, checkpoint, criteria, distributed, finetune as ft, graph, outputs, profile, pruning, report, schedules,
                validate, watchdog)
 from .calibration import activation_stats, calibrate, prepare_criterion  # noqa: F401  (public here too)
 from .config import CompressConfig
@@ -154,6 +154,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
     device = _device(config)
     with clock.stage("load"):
         loaded = _load(config)
+        distributed.check(config, loaded.schedule, device)
     with clock.stage("trace"):
         traced = _trace(config, loaded, events)
     with clock.stage("prune"):
@@ -163,7 +164,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
         run.start(loaded.schedule)
     pruning_before = run.prune_seconds
     with clock.stage("fine-tune"):
-        scheduled = run.finish(loaded.schedule, config.schedule)
+        scheduled = run.finish(loaded.schedule, config.schedule, train=distributed.trainer(config))
     clock.book(run.prune_seconds - pruning_before, from_stage="fine-tune", to_stage="prune")
     # The pruned model's logits serve twice: its accuracy, and the reference the ONNX export must match.
     reference = ft.predict(scheduled.model, loaded.data.val_x)

@@ -317,9 +317,13 @@ class Run:
         self.model.train()
         schedule.begin(self)
 
-    def finish(self, schedule: Schedule, name: str) -> ScheduleResult:
-        """Train over the cycle with the schedule's hooks, then check it left the model at the target."""
-        finetune = self.cycle.run(lambda _cycle: schedule.after_step(self)) if self.total_steps else None
+    def finish(self, schedule: Schedule, name: str, *, train=None) -> ScheduleResult:
+        """Train over the cycle with the schedule's hooks, then check it left the model at the target.
+        ``train(run, schedule)``, when given, runs the cycle instead (``distributed.trainer``)."""
+        if train is not None and self.total_steps:
+            finetune = train(self, schedule)
+        else:
+            finetune = self.cycle.run(lambda _cycle: schedule.after_step(self)) if self.total_steps else None
         if finetune is not None and finetune.stopped_early:
             self.progress.note(f"fine-tuning stopped early: {finetune.stopped_early}")
         schedule.end(self)
