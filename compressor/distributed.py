@@ -160,7 +160,10 @@ def launch(model: nn.Module, data: LoadedData, settings: FinetuneSettings, *, te
     try:
         returned = elastic_launch(launch_config, _worker)(model, data, settings, teacher, device.type, threads)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        # A rank that died on its own (a signal, os._exit, the OOM killer) takes its peers down with a plain
+        # exception (exit code 1) from the broken collective; under load the peer can be recorded first.
+        failures = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode == 1, item[1].timestamp))
+        rank, failure = failures[0]
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise RankFailedError(f"data-parallel fine-tuning: rank {rank} of {nproc} died ({how}); nothing was written",
                               hint="see the worker's output above; --nproc-per-node 1 trains in this process") from None
