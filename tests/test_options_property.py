@@ -5,7 +5,6 @@ empty strings, paths with rich markup and unicode), the outcome is success or ex
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

@@ -18,7 +18,7 @@ from compressor.errors import CompressorError
 
 from . import uploads
 from .auth import owner_of
-from .errors import BadOptions, BadUpload, Conflict, NotFound
+from .errors import BadOptions, Conflict, NotFound
 from .events import read_events
 from .store import TERMINAL, Store
 
