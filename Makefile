@@ -21,7 +21,7 @@ demo: $(STAMP)
 		--target-flops 0.5 --out runs/demo --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 clean:
 	rm -rf runs build *.egg-info

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import os
 import sys
 
 import pytest
@@ -19,6 +20,12 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from _tiny import make_images, save_npz, tiny_resnet20  # noqa: E402
+
+# pytest-xdist's workers start with COLUMNS=80 and LINES=24 in their environment; rich reads them once,
+# when the CLI's module-level consoles are made, and would then ignore the width a test asks for
+# (CliRunner's env={"COLUMNS": ...}) and cut table cells at 80 columns.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 # The tests' models are tiny: intra-op threads only add synchronisation, and on a busy 2-core machine
 # spinning OpenMP workers made the pruning search about 7x slower than a single thread.
