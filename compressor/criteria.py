@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import ConfigError, GraphError
 from .registry import PluginInfo, Registry
+from .tp_compat import graph_of
 
 if TYPE_CHECKING:
     from .graph import CouplingGraph
@@ -92,7 +93,7 @@ class ChannelCosts:
     def index(self, group: Any) -> int:
         """Position in ``fractions`` of a torch-pruning group, whichever of its layers roots it."""
         dep = group[0].dep
-        key = (dep.target.module, group._DG.is_out_channel_pruning_fn(dep.handler))
+        key = (dep.target.module, graph_of(group).is_out_channel_pruning_fn(dep.handler))
         if key not in self.owners:
             raise GraphError(f"no channel cost for the group rooted at {dep.target.module.__class__.__name__} "
                              f"({'outputs' if key[1] else 'inputs'}): it is not one of the graph's groups")

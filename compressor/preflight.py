@@ -86,7 +86,7 @@ def describe(graph: CouplingGraph) -> Inspection:
         groups=[GroupInfo(s.root, s.size, s.units, len(s.layers), s.heads_of) for s in graph.groups],
         protected=dict(graph.protected), attention=list(graph.attention),
         frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
-        unwrapped=sorted(names[p] for p, _ in graph.dg.unwrapped_parameters if p in names),
+        unwrapped=sorted(names[p] for p, _ in graph.dg.unwrapped() if p in names),
         attention_pruning=graph.attention_pruning, heads=attention_heads(model),
     )
 

@@ -25,10 +25,24 @@ from . import flops
 from .criteria import ChannelCosts, Criterion, needs_channel_costs
 from .errors import GraphError, TargetUnreachableError, one_line
 from .graph import CouplingGraph, GroupSpec, attention_heads, drop_heads, patch_attention, regroup, trace
+from .tp_compat import UnmappedReshape
 
 TOLERANCE = 0.01
 """The achieved FLOPs ratio must lie in [target * (1 - TOLERANCE), target]."""
 _MAX_REFINE_PROBES = 40
+
+BROKEN_PRUNE: tuple[type[BaseException], ...] = (
+    GraphError,  # torch-pruning refused the group (check_pruning_group), or a head count would reach 0
+    UnmappedReshape,  # the group's channels cross a reshape torch-pruning cannot map
+    RuntimeError,  # the pruned forward: shape mismatches, a width in a view/reshape/split/layer_norm
+    IndexError,  # torch-pruning's index mappings, or the forward indexing a channel that is gone
+    ValueError,  # torch-pruning's pruners and shape checks
+    ArithmeticError,  # torch-pruning's index mappings dividing by a width that became 0
+    AssertionError,  # shape asserts in a model's forward (timm, nn.MultiheadAttention)
+)
+"""What pruning a group that breaks the model raises, in torch-pruning or in the pruned forward (found
+on the torchvision matrix and the test models). Anything else (a TypeError, AttributeError or NameError)
+is a bug, ours or a plug-in's, and propagates instead of becoming "this group breaks the model"."""
 
 
 @dataclass(frozen=True)
@@ -163,19 +177,11 @@ def copy_graph(graph: CouplingGraph) -> CouplingGraph:
     """A deep copy of ``graph`` with its model: one ``copy.deepcopy``, so the copied graph points at
     the copied modules and can prune them without tracing the copy.
 
-    The pruner instances (torch-pruning compares pruning functions by them, some module-level), the
-    autograd nodes the trace kept and torch-pruning's ops module are shared, not copied. Raises
+    What torch-pruning needs to stay one object (its pruner instances, the trace's autograd nodes) is
+    shared, not copied (:meth:`compressor.tp_compat.Graph.copy_memo`). Raises
     ``RecursionError`` where the graph is too deep to copy.
     """
-    memo: dict[int, object] = {}
-    shared = [graph.dg.ops, *graph.dg.REGISTERED_PRUNERS.values(), *graph.dg.CUSTOMIZED_PRUNERS.values()]
-    for node in graph.dg.module2node.values():
-        shared.append(node.grad_fn)
-        shared += [fn.__self__ for dep in node.dependencies for fn in (dep.trigger, dep.handler)
-                   if hasattr(fn, "__self__")]
-    for obj in shared:  # torch-pruning compares pruning functions by their (shared) pruner instances
-        if obj is not None:
-            memo[id(obj)] = obj
+    memo = graph.dg.copy_memo()
     # deepcopy follows the graph's node links depth-first: a deep graph needs a deep stack.
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(max(limit, 20 * len(graph.dg.module2node) + 1000))
@@ -288,7 +294,7 @@ def _breaks(graph: CouplingGraph, chunks: list[Chunk]) -> str | None:
         model = pruned_copy(graph, _plan(chunks))
         with torch.no_grad():
             model(graph.example_input)
-    except Exception as exc:  # any failure of a third-party model's forward counts
+    except BROKEN_PRUNE as exc:
         return one_line(exc, 160)
     return None
 
@@ -360,7 +366,7 @@ def floor(graph: CouplingGraph, *, max_prune_fraction: float, round_to: int = 1,
     try:
         pruned = pruned_copy(graph, _plan(order))
         macs = flops.measure(pruned, graph.example_input).macs
-    except Exception:  # as in the search: find the groups that break the model and go on without them
+    except BROKEN_PRUNE:  # as in the search: find the groups that break the model and go on without them
         unsafe = screen_groups(graph, order)
         order = [c for c in order if c[0] not in unsafe]
         if not order:
@@ -475,7 +481,7 @@ def search(
     else:
         try:
             _, floor_ratio = probe(order)  # counting the MACs runs the forward
-        except Exception:  # some group breaks the model: find it and go on without it
+        except BROKEN_PRUNE:  # some group breaks the model: find it and go on without it
             unsafe = screen_groups(graph, order)
             order = [c for c in order if c[0] not in unsafe]
             if not order:
