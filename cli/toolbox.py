@@ -143,7 +143,7 @@ def inspect_command(
 @app.command("models")
 def list_models() -> None:
     """List the architectures accepted by `compress --arch NAME`."""
-    from compressor.models import list_models as names
+    from compressor.architectures import available_models as names
 
     for name in names():
         out.print(literal(name), highlight=False)

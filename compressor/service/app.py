@@ -76,9 +76,9 @@ def check_options(options: Any, allow_arch: tuple[str, ...]) -> dict[str, Any]:
     if arch is None and "arch" not in errors:
         errors["arch"] = "is required (the service loads state dicts only)"
     elif isinstance(arch, str):
-        from compressor.models import list_models
+        from compressor.architectures import available_models
 
-        if arch not in list_models() and arch not in allow_arch:
+        if arch not in available_models() and arch not in allow_arch:
             errors["arch"] = f"{arch!r} is neither a registered model nor on the server's --allow-arch"
     elif "arch" not in errors:
         errors["arch"] = "must be a string"
