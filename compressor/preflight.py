@@ -11,7 +11,8 @@ from torch import nn
 
 from . import flops, pruning
 from .errors import DataError, GraphError, TargetUnreachableError
-from .graph import CouplingGraph, attention_heads, trace
+from .attention import attention_heads
+from .graph import CouplingGraph, trace
 from .progress import Progress
 
 

@@ -14,6 +14,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compressor import graph, pruning, tp_compat
+from compressor.prune import apply
 from compressor.errors import GraphError
 
 from helpers_arch import FlatNet, HardCodedWidth
@@ -114,7 +115,7 @@ def test_a_bug_of_ours_in_a_probe_propagates_instead_of_marking_a_group_unsafe(b
     def buggy(model):
         raise bug("a bug in compressor")
 
-    monkeypatch.setattr(pruning, "patch_attention", buggy)  # runs after every probe's prune
+    monkeypatch.setattr(apply, "patch_attention", buggy)  # runs after every probe's prune
     with pytest.raises(bug, match="a bug in compressor"):
         pruning.unsafe_groups(coupling, max_prune_fraction=0.5)
     with pytest.raises(bug):
