@@ -68,7 +68,7 @@ def check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
     try:
         with torch.no_grad():
             model.eval()(example_input)
-    except Exception as exc:
+    except Exception as exc:  # the user's model, unpruned, on their input shape: whatever it raises is its answer
         lines = str(exc).strip().splitlines()
         why = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
         raise DataError(f"the model fails on an input of shape {tuple(example_input.shape[1:])}: {why}",
