@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -93,6 +93,10 @@ def compress(
                                                               "the CPU execution provider, 5e-3 on CUDA].")] = None,
     nproc_per_node: Annotated[int, typer.Option(help="Processes that fine-tune data-parallel (DDP: gloo on the CPU, "
                                                 "NCCL on CUDA, one GPU each); --batch-size stays the global batch.")] = 1,
+    schedule_opt: Annotated[Optional[List[str]], typer.Option(help="KEY=VALUE: an option of the schedule "
+                                                              "(repeatable; `compressor schedules` lists them).")] = None,
+    criterion_opt: Annotated[Optional[List[str]], typer.Option(help="KEY=VALUE: an option of the criterion "
+                                                               "(repeatable; `compressor criteria` lists them).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
     json_events: Annotated[Optional[str], typer.Option(help="Also write the run's progress events as JSON lines to "
                                                        "this file ('-': stderr, instead of the progress display).")] = None,
@@ -103,6 +107,7 @@ def compress(
 
     def job():
         from compressor import CompressConfig, compress as run
+        from compressor.options import parse_pairs
 
         config = CompressConfig(
             model_path=model, data_path=data, target_flops=target_flops, target_latency=target_latency,
@@ -115,7 +120,9 @@ def compress(
             distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
             overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs,
-            parity_tolerance=parity_tolerance, nproc_per_node=nproc_per_node)
+            parity_tolerance=parity_tolerance, nproc_per_node=nproc_per_node,
+            schedule_options=parse_pairs(schedule_opt or (), flag="--schedule-opt"),
+            criterion_options=parse_pairs(criterion_opt or (), flag="--criterion-opt"))
         with _event_sink(json_events) as sink, cancel_on_sigint() as cancel:
             result = run(config, progress=sink, cancel=cancel)
         try:

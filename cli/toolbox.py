@@ -23,13 +23,13 @@ def list_criteria() -> None:
     def job():
         from compressor import criteria
 
-        table = Table("name", "from", "needs", "description")
+        table = Table("name", "from", "needs", "description", "options (--criterion-opt KEY=VALUE)")
         for info in criteria.available_criteria():
             try:
                 cls = criteria.resolve_criterion(info.name)
             except Exception:
                 table.add_row(literal(info.name), literal(f"{info.distribution} {info.version}"), "-",
-                              "[red]failed to import[/]")
+                              "[red]failed to import[/]", "-")
                 continue
             needs = ("per-sample gradients" if criteria.needs_per_sample_gradients(cls)
                      else "gradients" if criteria.needs_gradients(cls) else "weights")
@@ -39,7 +39,7 @@ def list_criteria() -> None:
                 needs += ", channel costs"
             doc = (cls.__doc__ or "").strip().splitlines()
             table.add_row(literal(info.name), literal(f"{info.distribution or '?'} {info.version or ''}".strip()), needs,
-                          literal(doc[0] if doc else ""))
+                          literal(doc[0] if doc else ""), _options(cls))
         out.print(table)
 
     run_guarded(job)
@@ -53,17 +53,30 @@ def list_schedules() -> None:
     def job():
         from compressor import schedules
 
-        table = Table("name", "from", "description")
+        table = Table("name", "from", "description", "options (--schedule-opt KEY=VALUE)")
         for info in schedules.available_schedules():
             try:
-                doc = literal(" ".join((schedules.REGISTRY.resolve(info.name).__doc__ or "").strip().split(". ")[0]
-                                       .replace("``", "").split()))
+                cls = schedules.REGISTRY.resolve(info.name)
+                doc = literal(" ".join((cls.__doc__ or "").strip().split(". ")[0].replace("``", "").split()))
+                opts = _options(cls)
             except Exception:
-                doc = "[red]failed to import[/]"
-            table.add_row(literal(info.name), literal(f"{info.distribution or '?'} {info.version or ''}".strip()), doc)
+                doc, opts = "[red]failed to import[/]", "-"
+            table.add_row(literal(info.name), literal(f"{info.distribution or '?'} {info.version or ''}".strip()), doc,
+                          opts)
         out.print(table)
 
     run_guarded(job)
+
+
+def _options(cls: type) -> str:
+    """A plug-in's options, one a line: ``key=default`` (type, shorthand flag): doc."""
+    from compressor.options import describe
+
+    lines = []
+    for o in describe(cls):
+        extra = o.type + (f"; or {o.shorthand}" if o.shorthand else "")
+        lines.append(f"{o.name}={o.default} ({extra}): {o.doc}" if o.doc else f"{o.name}={o.default} ({extra})")
+    return literal("\n".join(lines)) if lines else "-"
 
 
 @app.command("inspect")
@@ -130,7 +143,7 @@ def inspect_command(
 @app.command("models")
 def list_models() -> None:
     """List the architectures accepted by `compress --arch NAME`."""
-    from compressor.models import list_models as names
+    from compressor.architectures import available_models as names
 
     for name in names():
         out.print(literal(name), highlight=False)

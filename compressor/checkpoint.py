@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import build_arch
 from .errors import ModelLoadError
 
 FORMAT = "compressor.pruned/1"
@@ -94,8 +95,6 @@ def load_pruned(path: str | Path, *, base: nn.Module | None = None) -> nn.Module
     The architecture is rebuilt from the recorded ``--arch``; for a model that came from a pickled
     module, pass an unpruned instance as ``base``.
     """
-    from .loading import build_arch
-
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not is_pruned_checkpoint(checkpoint):
         raise ModelLoadError(f"{path} is not a pruned checkpoint written by compress")

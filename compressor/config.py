@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError
 
@@ -152,6 +154,13 @@ class CompressConfig:
     nproc_per_node: int = 1
     """Processes that run the fine-tuning cycle data-parallel (DDP: gloo on the CPU, NCCL on CUDA, one GPU
     each); ``batch_size`` stays the global batch. See ``compressor.distributed``."""
+    # -- the plug-ins' own options (compressor.options): validated by the plug-in they are for
+    schedule_options: Mapping[str, Any] = field(default_factory=dict)
+    """The schedule's options, KEY -> VALUE (``--schedule-opt``; ``compressor schedules`` lists them).
+    ``prune_steps``, ``schedule_span``, ``check_every``, ``stability_threshold``, ``ocs_decay`` and
+    ``cycles`` are shorthands for the built-in schedules' options."""
+    criterion_options: Mapping[str, Any] = field(default_factory=dict)
+    """The criterion's options, KEY -> VALUE (``--criterion-opt``; ``compressor criteria`` lists them)."""
 
     def __post_init__(self) -> None:
         if self.target_flops is None and self.target_latency is None:
@@ -214,6 +223,21 @@ class CompressConfig:
                               f"--nproc-per-node {self.nproc_per_node}")
         if self.calibration_batches < 1:
             raise ConfigError(f"--calibration-batches must be at least 1, got {self.calibration_batches}")
+        self._check_plugin_options()
+
+    def _check_plugin_options(self) -> None:
+        """The plug-ins validate their own options, here where any are given (it imports the plug-in)."""
+        for flag, given in (("--schedule-opt", self.schedule_options), ("--criterion-opt", self.criterion_options)):
+            if not isinstance(given, Mapping) or not all(isinstance(k, str) for k in given):
+                raise ConfigError(f"{flag} options must map names to values, got {given!r}")
+        if self.schedule_options:
+            from .schedules import schedule_options
+
+            schedule_options(self.schedule, self)
+        if self.criterion_options:
+            from .criteria import criterion_options
+
+            criterion_options(self.criterion, self.criterion_options)
 
     @property
     def output_dir(self) -> Path:

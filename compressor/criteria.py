@@ -38,14 +38,15 @@ from torch import nn
 
 from .errors import ConfigError, GraphError
 from .registry import PluginInfo, Registry
+from .tp_compat import graph_of
 
 if TYPE_CHECKING:
     from .graph import CouplingGraph
 
 ENTRY_POINT_GROUP = "compressor.criteria"
 
-__all__ = ["ChannelCosts", "Criterion", "CriterionInfo", "ENTRY_POINT_GROUP", "available_criteria", "get_criterion",
-           "resolve_criterion"]
+__all__ = ["ChannelCosts", "Criterion", "CriterionInfo", "ENTRY_POINT_GROUP", "available_criteria", "criterion_options",
+           "get_criterion", "resolve_criterion"]
 
 
 @runtime_checkable
@@ -92,7 +93,7 @@ class ChannelCosts:
     def index(self, group: Any) -> int:
         """Position in ``fractions`` of a torch-pruning group, whichever of its layers roots it."""
         dep = group[0].dep
-        key = (dep.target.module, group._DG.is_out_channel_pruning_fn(dep.handler))
+        key = (dep.target.module, graph_of(group).is_out_channel_pruning_fn(dep.handler))
         if key not in self.owners:
             raise GraphError(f"no channel cost for the group rooted at {dep.target.module.__class__.__name__} "
                              f"({'outputs' if key[1] else 'inputs'}): it is not one of the graph's groups")
@@ -122,9 +123,19 @@ def resolve_criterion(name: str) -> type:
     return REGISTRY.resolve(name)
 
 
-def get_criterion(name: str, **kwargs: Any) -> Criterion:
-    """An instance of the named criterion, checked against the contract."""
-    criterion = resolve_criterion(name)(**kwargs)
+def criterion_options(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The named criterion's options built from ``given`` (``--criterion-opt``), validated by the criterion
+    (:mod:`compressor.options`), as keyword arguments of its class."""
+    from . import options
+
+    return options.build(resolve_criterion(name), given, flag="--criterion-opt", what=f"criterion {name!r}")
+
+
+def get_criterion(name: str, options: Mapping[str, Any] | None = None, **kwargs: Any) -> Criterion:
+    """An instance of the named criterion, checked against the contract: made with its ``options``
+    (validated by it) and, for callers in Python, any further keyword arguments as they are."""
+    made = criterion_options(name, options or {}) if options else {}
+    criterion = resolve_criterion(name)(**made, **kwargs)
     if not callable(criterion):
         raise ConfigError(f"criterion {name!r} instances are not callable on a group")
     return criterion

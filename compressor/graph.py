@@ -2,7 +2,8 @@
 
 ``trace`` finds the prunable groups (channels that must be removed together across layers), the
 layers that must not be pruned (the classifier, whose width is the class count) and the attention
-blocks whose head bookkeeping has to follow the pruned widths.
+blocks whose head bookkeeping (:mod:`compressor.attention`) has to follow the pruned widths. What it
+needs of torch-pruning beyond the public API is in :mod:`compressor.tp_compat`.
 
 Attention is pruned in one of two ways (``attention_pruning``): ``"dims"`` removes the same
 head-dimension indices in every head (the head count stays, ``head_dim`` shrinks); ``"heads"``
@@ -18,15 +19,16 @@ from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
-from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch import nn
 
-from . import watchdog
+from . import tp_compat, watchdog
+# attention_heads, drop_heads, head_shape, patch_attention: re-exported from their home before the split
+from .attention import (_attention_modules, _head_blocks, _head_module, attention_heads, drop_heads,  # noqa: F401
+                        head_shape, patch_attention)
 from .config import check_attention_pruning
 from .errors import GraphError
 from .progress import Progress
-
-ROOT_TYPES = (nn.Conv2d, nn.Conv1d, nn.Linear)
+from .tp_compat import MAX_GROUP_INDICES, ROOT_TYPES, UnmappedReshape, unwrapped_parameters  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -118,74 +120,6 @@ def find_classifier(model: nn.Module, example_input: torch.Tensor) -> str | None
     return found
 
 
-def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    # timm's layout (a fused ``qkv`` projection and ``num_heads``/``head_dim`` attributes) and
-    # torch's ``nn.MultiheadAttention`` (torchvision's ViT).
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        or (isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int))
-    }
-
-
-def _head_blocks(attention: dict[str, nn.Module]) -> dict[nn.Module, int]:
-    """The module whose pruned output channels come in head blocks -> its head count."""
-    return {_head_module(m): m.num_heads for m in attention.values()}
-
-
-def _head_module(attention: nn.Module) -> nn.Module:
-    return attention if isinstance(attention, nn.MultiheadAttention) else attention.qkv
-
-
-def head_shape(attention: nn.Module) -> tuple[int, int]:
-    """``(num_heads, head_dim)`` of an attention module, read from its widths where it has no ``head_dim``."""
-    if isinstance(attention, nn.MultiheadAttention):
-        return attention.num_heads, attention.out_proj.in_features // attention.num_heads
-    return attention.num_heads, attention.qkv.out_features // (3 * attention.num_heads)
-
-
-def attention_heads(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Every attention module of ``model`` -> ``(num_heads, head_dim)``."""
-    return {name: head_shape(m) for name, m in _attention_modules(model).items()}
-
-
-def drop_heads(model: nn.Module, names: tuple[str, ...], count: int) -> None:
-    """Lower ``num_heads`` of the named attention modules by ``count``, before their heads are pruned.
-
-    Before, because torch-pruning's ``nn.MultiheadAttention`` pruner checks that the pruned
-    ``embed_dim`` divides by ``num_heads`` and sets ``head_dim`` from it; :func:`patch_attention`
-    then derives ``head_dim`` from the new count, which keeps it as it was.
-    """
-    for name in names:
-        m = model.get_submodule(name)
-        if m.num_heads - count < 1:
-            raise GraphError(f"removing {count} heads would leave attention module {name!r} without any "
-                             f"(it has {m.num_heads})")
-        m.num_heads -= count
-
-
-def patch_attention(model: nn.Module) -> None:
-    """Make the attributes that a forward reads as plain ints follow the pruned widths.
-
-    timm's ``head_dim`` follows the ``qkv`` width and ``num_heads`` (the scale is kept: it is part
-    of the learned function); ``nn.MultiheadAttention``'s ``embed_dim``/``head_dim``/``kdim``/``vdim``
-    follow its ``out_proj`` and ``num_heads``; torchvision's ViT reshapes its patch embedding with
-    ``hidden_dim``. Whole-head pruning lowers ``num_heads`` first (:func:`drop_heads`).
-    """
-    for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            m.embed_dim = m.out_proj.out_features
-            m.head_dim = m.embed_dim // m.num_heads
-            if m._qkv_same_embed_dim:
-                m.kdim = m.vdim = m.embed_dim
-        elif isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int):
-            if hasattr(m, "head_dim"):
-                m.head_dim = m.qkv.out_features // (3 * m.num_heads)
-        elif isinstance(getattr(m, "conv_proj", None), nn.Conv2d) and isinstance(getattr(m, "hidden_dim", None), int):
-            m.hidden_dim = m.conv_proj.out_channels
-
-
 def _is_grouped_conv(m: nn.Module) -> bool:
     # Depthwise convolutions (one group per channel) have their own pruner; other grouped ones
     # keep ``groups`` and slice each group's inputs alike, so they must lose the same channels in every group.
@@ -242,141 +176,6 @@ def _reroot_attention(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[n
     return None
 
 
-def _layer_widths(model: nn.Module) -> set[int]:
-    widths = set()
-    for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            widths.add(m.out_channels)
-        elif isinstance(m, nn.Linear):
-            widths.add(m.out_features)
-        elif isinstance(m, nn.LayerNorm) and m.normalized_shape:
-            widths.add(m.normalized_shape[-1])
-    return widths
-
-
-def unwrapped_parameters(model: nn.Module, dg: tp.DependencyGraph) -> list[tuple[nn.Parameter, int]]:
-    """Parameters no torch-pruning pruner owns (class tokens, position embeddings, layer-scale
-    gammas), each with the dimension that indexes channels.
-
-    That is the last dimension whose size is the output width of some layer of the model;
-    torch-pruning's own guess, the last dimension larger than one, is the fallback. Passing them
-    explicitly also keeps torch-pruning from warning about each one.
-    """
-    prunable = set(dg.REGISTERED_PRUNERS) - {tp.ops.OPTYPE.ELEMENTWISE}
-    wrapped = {id(p) for m in model.modules() if tp.ops.module2type(m) in prunable for p in m.parameters()}
-    widths = _layer_widths(model)
-    found = []
-    for p in model.parameters():
-        if id(p) in wrapped:
-            continue
-        dims = [d for d, n in enumerate(p.shape) if n > 1 and n in widths] or [d for d, n in enumerate(p.shape) if n > 1]
-        if dims:
-            found.append((p, dims[-1]))
-    return found
-
-
-class UnmappedReshape(Exception):
-    """A group's channels cross a reshape that torch-pruning cannot map."""
-
-
-def _unmappable(idxs):
-    raise UnmappedReshape("its channels pass through a reshape torch-pruning cannot map (a channel shuffle?)")
-
-
-def _tolerant_reshape_mapping(original):
-    """torch-pruning's reshape index mapping, with the reshapes it cannot map made impassable.
-
-    torch-pruning maps channel indices through a reshape only where it is a flatten; a channel
-    shuffle's ``view(b, groups, c // groups, h, w)`` (ShuffleNet) makes it divide by zero, in the
-    trace and again in every ``get_pruning_group``. Such a reshape gets a mapping that raises, so a
-    group reaching it fails fast and is left unpruned (see ``_all_groups``) instead of failing the trace.
-    """
-
-    def tolerant(dg, node):
-        try:
-            original(dg, node)
-        except (ArithmeticError, IndexError, ValueError):
-            edges = list(node.dependencies) + [d for n in node.inputs + node.outputs for d in n.dependencies
-                                               if d.target is node]
-            for dep in edges:
-                dep.index_mapping[0] = _unmappable
-
-    tolerant.__wrapped__ = original
-    return tolerant
-
-
-MAX_GROUP_INDICES = 1 << 16
-"""A group whose channel indices multiply past this through reshapes is not prunable. torch-pruning
-maps a flatten by multiplying indices; chained through Swin's window partitions they grow until the
-trace takes many GB of memory."""
-
-
-def _bounded_flatten_mapping(original):
-    def bounded(self, idxs):
-        if not self.reverse and len(idxs) * self._stride > MAX_GROUP_INDICES:
-            raise UnmappedReshape(f"its channel indices multiply past {MAX_GROUP_INDICES} through reshapes "
-                                  "(window partitions?); torch-pruning cannot map them in bounded memory")
-        return original(self, idxs)
-
-    bounded.__wrapped__ = original
-    return bounded
-
-
-def _cached_index_mapping(original):
-    """torch-pruning recomputes every index mapping of the graph in each ``get_pruning_group``;
-    they change only when pruning changes a shape (without this, a Swin's trace was slow)."""
-
-    def cached(dg):
-        key = tuple(tuple(p.shape) for p in dg.model.parameters())
-        if getattr(dg, "_compressor_mapping_key", None) != key:
-            original(dg)
-            dg._compressor_mapping_key = key
-
-    cached.__wrapped__ = original
-    return cached
-
-
-def _install_mappings() -> None:
-    """Wrap torch-pruning's index mappings once per process (see the wrappers above)."""
-    if not hasattr(tp_index_mapping.update_reshape_index_mapping, "__wrapped__"):
-        tp_index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping(
-            tp_index_mapping.update_reshape_index_mapping)
-    if not hasattr(tp_index_mapping.update_index_mapping, "__wrapped__"):
-        tp_index_mapping.update_index_mapping = _cached_index_mapping(tp_index_mapping.update_index_mapping)
-    flatten = tp_index_mapping._FlattenIndexMapping
-    if not hasattr(flatten.__call__, "__wrapped__"):
-        flatten.__call__ = _bounded_flatten_mapping(flatten.__call__)
-
-
-_install_mappings()
-
-
-def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module], failed: dict[nn.Module, str]):
-    """torch-pruning's ``get_all_groups``, except that a root whose group torch-pruning cannot build
-    (an index error behind a concat or split it mapped wrongly) is recorded in ``failed`` and
-    skipped instead of ending the whole listing."""
-    ignored = ignored + dg.IGNORED_LAYERS_IN_TRACING
-    visited: set[nn.Module] = set()
-    for m in list(dg.module2node):
-        if m in ignored or m in visited or not isinstance(m, ROOT_TYPES):
-            continue
-        pruner = dg.get_pruner_of_module(m)
-        if pruner is None or pruner.get_out_channels(m) is None:
-            continue
-        try:
-            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
-        except UnmappedReshape as exc:
-            failed[m] = str(exc)
-            continue
-        except (IndexError, ValueError, ArithmeticError) as exc:
-            failed[m] = f"torch-pruning cannot map its channels ({type(exc).__name__}: {exc})"
-            continue
-        out_modules = {dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)}
-        visited |= out_modules
-        if not out_modules & set(ignored):
-            yield group
-
-
 TRACING = "tracing the model into torch-pruning's dependency graph"
 
 
@@ -408,13 +207,14 @@ def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str,
         protected[classifier] = "classifier (its width is the number of classes)"
     for name in protect:
         protected.setdefault(name, "protected by the user")
+    dg = tp_compat.Graph()
+    unwrapped = unwrapped_parameters(model, dg)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dg = tp.DependencyGraph()
             dg = dg.build_dependency(model, example_inputs=example_input[:1], verbose=False,
-                                     unwrapped_parameters=unwrapped_parameters(model, dg))
-    except Exception as exc:
+                                     unwrapped_parameters=unwrapped)
+    except Exception as exc:  # the model's own forward runs in there: any failure of it is the model's
         raise GraphError(f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
     return _grouped(model, dg, example_input[:1], protected, attention_pruning)
 
@@ -438,7 +238,7 @@ def _grouped(model: nn.Module, dg: tp.DependencyGraph, example_input: torch.Tens
     names = {m: n for n, m in model.named_modules()}
     specs: list[GroupSpec] = []
     failed: dict[nn.Module, str] = {}
-    for group in _all_groups(dg, ignored, failed):
+    for group in dg.all_groups(ignored, failed):
         try:
             group = _reroot_attention(dg, group, num_heads)
         except (IndexError, ValueError, ArithmeticError) as exc:

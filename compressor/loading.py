@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import inspect
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -14,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._imports import import_object
+from .architectures import build_arch
 from .checkpoint import is_pruned_checkpoint, rebuild
-from .errors import ModelLoadError
+from .errors import ModelLoadError, one_line
 
 SUPPORTED = (
     "a state dict saved with torch.save(model.state_dict()) plus --arch NAME or --arch package.module:factory, "
@@ -31,53 +30,6 @@ class LoadedModel:
     """``"state_dict"``, ``"pickle"`` or ``"pruned"`` (a model.pt written by compress)."""
     arch: dict[str, Any] | None
     """``{"name": ..., "kwargs": {...}}`` when the architecture can be rebuilt by name."""
-
-
-def build_arch(name: str, **kwargs: Any) -> nn.Module:
-    """Build an architecture from ``models/`` or a ``package.module:factory`` path.
-
-    Keyword arguments the factory does not accept are dropped, so one call serves factories that
-    take ``num_classes`` and those that do not.
-    """
-    if ":" in name:
-        try:
-            factory: Any = import_object(name)
-        except (ImportError, AttributeError) as exc:
-            raise ModelLoadError(f"--arch {name}: cannot import it ({exc})") from exc
-    else:
-        from .models import _REGISTRY, list_models
-
-        if name not in _REGISTRY:
-            raise ModelLoadError(f"unknown --arch {name!r}; available: {', '.join(list_models())}",
-                                 hint="or pass package.module:factory")
-        factory = _REGISTRY[name]
-    attempts = [kwargs]
-    try:
-        params = inspect.signature(factory).parameters
-        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            # ``**kwargs`` hides what is accepted (torchvision's factories): fall back to fewer arguments.
-            attempts += [{k: v for k, v in kwargs.items() if k == "num_classes"}, {}]
-        else:
-            attempts = [{k: v for k, v in kwargs.items() if k in params}]
-    except (TypeError, ValueError):
-        attempts += [{}]
-    for i, attempt in enumerate(attempts):
-        try:
-            model = factory(**attempt)
-            break
-        except TypeError as exc:
-            if i == len(attempts) - 1 or "unexpected keyword" not in str(exc):
-                raise ModelLoadError(f"--arch {name}: building the model failed: {_first_line(exc)}") from exc
-        except Exception as exc:
-            raise ModelLoadError(f"--arch {name}: building the model failed: {_first_line(exc)}") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"--arch {name} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _looks_like_pickle(path: Path) -> bool:
@@ -183,7 +135,7 @@ def _load(path: Path, *, arch: str | None, trust_pickle: bool, image_size: int |
             ) from exc
         return _load_pickle(path)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {path} ({_first_line(exc)}); supported: {SUPPORTED}") from exc
+        raise ModelLoadError(f"cannot read {path} ({one_line(exc)}); supported: {SUPPORTED}") from exc
 
     if is_pruned_checkpoint(obj):
         spec = obj.get("arch")
@@ -210,7 +162,7 @@ def _load_pickle(path: Path) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot unpickle {path}: {_first_line(exc)}",
+        raise ModelLoadError(f"cannot unpickle {path}: {one_line(exc)}",
                              hint="the classes the module was built from must be importable") from exc
     if not isinstance(obj, nn.Module):
         if _state_dict_of(obj) is not None:

@@ -194,7 +194,7 @@ def _load(config: CompressConfig) -> Loaded:
     model = load_model(config.model_path, arch=config.arch, trust_pickle=config.trust_pickle,
                        image_size=data.info.input_shape[-1])
     return Loaded(data=data, model=model, classes=check_fit(model.model, data),
-                  criterion=criteria.get_criterion(config.criterion),
+                  criterion=criteria.get_criterion(config.criterion, config.criterion_options),
                   schedule=schedules.get_schedule(config.schedule, config))
 
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from . import flops, pruning
 from .errors import DataError, GraphError, TargetUnreachableError
-from .graph import CouplingGraph, attention_heads, trace
+from .attention import attention_heads
+from .graph import CouplingGraph, trace
 from .progress import Progress
 
 
@@ -67,7 +68,7 @@ def check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
     try:
         with torch.no_grad():
             model.eval()(example_input)
-    except Exception as exc:
+    except Exception as exc:  # the user's model, unpruned, on their input shape: whatever it raises is its answer
         lines = str(exc).strip().splitlines()
         why = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
         raise DataError(f"the model fails on an input of shape {tuple(example_input.shape[1:])}: {why}",
@@ -86,7 +87,7 @@ def describe(graph: CouplingGraph) -> Inspection:
         groups=[GroupInfo(s.root, s.size, s.units, len(s.layers), s.heads_of) for s in graph.groups],
         protected=dict(graph.protected), attention=list(graph.attention),
         frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
-        unwrapped=sorted(names[p] for p, _ in graph.dg.unwrapped_parameters if p in names),
+        unwrapped=sorted(names[p] for p, _ in graph.dg.unwrapped() if p in names),
         attention_pruning=graph.attention_pruning, heads=attention_heads(model),
     )
 

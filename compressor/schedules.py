@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from . import flops, pruning
+from . import flops, options, pruning
 from .calibration import prepare_criterion
 from .config import CompressConfig
 from .criteria import Criterion, needs_channel_costs
@@ -76,10 +76,21 @@ def available_schedules() -> list[PluginInfo]:
     return REGISTRY.available()
 
 
+def schedule_options(name: str, config: CompressConfig) -> dict[str, Any]:
+    """The named schedule's options from ``config`` (``schedule_options`` and the shorthand flags),
+    validated by the schedule (:mod:`compressor.options`), as keyword arguments of its class."""
+    return options.build(REGISTRY.resolve(name), config.schedule_options, flag="--schedule-opt",
+                         what=f"schedule {name!r}", config=config)
+
+
 def get_schedule(name: str, config: CompressConfig) -> Schedule:
-    """An instance of the named schedule (a registered name or ``package.module:Class``), made from ``config``."""
+    """An instance of the named schedule (a registered name or ``package.module:Class``) with its options
+    from ``config``; a class without ``Options`` but with ``from_config(config)`` is made by that."""
     cls = REGISTRY.resolve(name)
-    schedule = cls.from_config(config) if hasattr(cls, "from_config") else cls()
+    if options.options_class(cls) is None and hasattr(cls, "from_config"):
+        schedule = cls.from_config(config)
+    else:
+        schedule = cls(**schedule_options(name, config))
     if not isinstance(schedule, Schedule):
         raise ConfigError(f"schedule {name!r} does not have begin/after_step/end/details methods")
     return schedule

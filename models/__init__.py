@@ -1,36 +1,28 @@
-"""Architectures for the demo, the tests and the benchmarks, behind ``create_model(name)``."""
+"""Architectures for the demo, the tests and the benchmarks, behind ``create_model(name)``.
+
+They are registered under the ``compressor.models`` entry-point group in our ``pyproject.toml``, the
+one door every model goes through (``compressor.architectures``); this module only lists and builds
+by that registry.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import nn
-
-from .mobilenetv2 import mobilenetv2
-from .resnet_cifar import resnet20, resnet56
-from .vgg import vgg16_bn
-from .vit import vit_tiny
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "resnet20": resnet20,
-    "resnet56": resnet56,
-    "vgg16_bn": vgg16_bn,
-    "mobilenetv2": mobilenetv2,
-    "vit_tiny": vit_tiny,
-}
 
 __all__ = ["create_model", "list_models"]
 
 
 def list_models() -> list[str]:
     """Names accepted by ``create_model`` and by ``compress --arch``."""
-    return sorted(_REGISTRY)
+    from compressor.architectures import available_models
+
+    return available_models()
 
 
 def create_model(name: str, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     """Build a freshly initialised model; ``image_size`` matters only where positions are learned (ViT)."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
-    return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    from compressor.architectures import REGISTRY
+
+    if ":" in name or name not in REGISTRY.entry_points():
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return REGISTRY.resolve(name)(num_classes=num_classes, in_channels=in_channels, image_size=image_size)

@@ -12,6 +12,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compressor.tp_compat import graph_of
+
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
@@ -35,7 +37,7 @@ def is_depthwise(m: nn.Module) -> bool:
 
 def slices(group: tp.Group) -> list[Slice]:
     """The group's convolutions, linears and affine norms; a depthwise conv once, however tp lists it."""
-    dg = group._DG
+    dg = graph_of(group)
     position = {int(r): i for i, r in enumerate(group[0].root_idxs)}
     found: list[Slice] = []
     seen: set[int] = set()

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch_pruning as tp
+
+
+@dataclass(frozen=True)
+class RandomOptions:
+    """``random``'s options (``--criterion-opt KEY=VALUE``)."""
+
+    seed: int = 0
+    """Seed of the scores' generator."""
 
 
 class RandomScores:
@@ -13,6 +23,7 @@ class RandomScores:
     """
 
     needs_gradients = False
+    Options = RandomOptions
 
     def __init__(self, seed: int = 0) -> None:
         self._generator = torch.Generator().manual_seed(seed)

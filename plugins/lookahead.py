@@ -26,6 +26,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from compressor.tp_compat import graph_of, node_of
+
 from ._slices import LAYERS, Slice, bn_factor, column_energy, is_depthwise, row_energy, slices, squared, to_root
 
 
@@ -39,7 +41,7 @@ class Lookahead:
     needs_gradients = False
 
     def __call__(self, group: tp.Group) -> torch.Tensor | None:
-        dg, n = group._DG, len(group[0].idxs)
+        dg, n = graph_of(group), len(group[0].idxs)
         parts = slices(group)
         if not any(s.kind != "norm" for s in parts):
             return None
@@ -101,7 +103,7 @@ def _full_group(dg: tp.DependencyGraph, layer: nn.Module, *, inputs: bool) -> tp
 def _input_energy(dg: tp.DependencyGraph, layer: nn.Module) -> torch.Tensor:
     """P for every input of ``layer``: the incoming path energy of the channel feeding it (1 if none)."""
     n_in = dg.get_in_channels(layer)
-    behind = _behind(dg.module2node[layer])
+    behind = _behind(node_of(dg, layer))
     parts = [s for s in slices(_full_group(dg, layer, inputs=True)) if s.node in behind]
     energy, covered = _path_energy(parts, n_in)
     # Rooted at the inputs, tp keeps one input per feeding channel where a channel feeds several (a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -10,6 +12,18 @@ from compressor.criteria import ChannelCosts
 from compressor.errors import ConfigError
 
 from ._slices import column_energy, kernel_size, slices, squared, to_root
+
+
+@dataclass(frozen=True)
+class OCSOptions:
+    """``ocs-saliency-flops``' options (``--criterion-opt KEY=VALUE``)."""
+
+    temperature: float = 1.0
+    """Of the softmax over groups' channel costs: lower values prune the costly groups more."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature:g}")
 
 
 class OCSSaliency:
@@ -99,6 +113,7 @@ class OCSSaliencyFLOPs(OCSSaliency):
     """OCSPruner group saliency times (1 - pi_g), pi a softmax over groups of one channel's MACs."""
 
     needs_channel_costs = True
+    Options = OCSOptions
 
     def __init__(self, *, temperature: float = 1.0) -> None:
         super().__init__(flops_weighting=True, temperature=temperature)

@@ -4,12 +4,78 @@ masks."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
-from compressor.config import CompressConfig
 from compressor.masks import ChannelMask
 from compressor.pruning import PruningPlan
 from compressor.schedules import BaseSchedule, Run
+
+
+def _span(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"span must lie in (0, 1], got {value}")
+
+
+def _check_every(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"check_every must be at least 1, got {value}")
+
+
+@dataclass(frozen=True)
+class GradualOptions:
+    """``gradual``'s options (``--schedule-opt KEY=VALUE``)."""
+
+    steps: int = field(default=4, metadata={"shorthand": "prune_steps"})
+    """Physical pruning steps along the ramp."""
+    span: float = field(default=0.3, metadata={"shorthand": "schedule_span"})
+    """Share of the cycle the ramp covers."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        _span(self.span)
+
+
+@dataclass(frozen=True)
+class OCSOptions:
+    """``ocs``'s options (``--schedule-opt KEY=VALUE``)."""
+
+    check_every: int | None = field(default=None, metadata={"shorthand": "check_every"})
+    """Steps between two searches of the sub-network (none: 1/50 of the cycle)."""
+    span: float = field(default=0.3, metadata={"shorthand": "schedule_span"})
+    """Share of the cycle after which it prunes, stable or not."""
+    threshold: float = field(default=0.999, metadata={"shorthand": "stability_threshold"})
+    """Prune once the kept sets' mean Jaccard similarity reaches this."""
+    decay: float = field(default=1.0, metadata={"shorthand": "ocs_decay"})
+    """Starting lambda of the (1 - lambda * lr) decay of the channels about to go; it grows by as much per epoch."""
+
+    def __post_init__(self) -> None:
+        _check_every(self.check_every)
+        _span(self.span)
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        if not (math.isfinite(self.decay) and self.decay >= 0):
+            raise ValueError(f"decay must be 0 or more, got {self.decay}")
+
+
+@dataclass(frozen=True)
+class CyclicalOptions:
+    """``cyclical``'s options (``--schedule-opt KEY=VALUE``)."""
+
+    cycles: int = field(default=3, metadata={"shorthand": "cycles"})
+    """Mask cycles before the physical prune."""
+    span: float = field(default=0.6, metadata={"shorthand": "schedule_span"})
+    """Share of the cycle the mask cycles cover."""
+    check_every: int | None = field(default=None, metadata={"shorthand": "check_every"})
+    """Steps between two mask updates (none: 1/10 of a mask cycle)."""
+
+    def __post_init__(self) -> None:
+        if self.cycles < 1:
+            raise ValueError(f"cycles must be at least 1, got {self.cycles}")
+        _span(self.span)
+        _check_every(self.check_every)
 
 
 def cubic_ramp(fraction: float, target: float) -> float:
@@ -45,13 +111,11 @@ class Gradual(BaseSchedule):
     """Prune in ``steps`` physical steps spread over the first ``span`` of the cycle, the FLOPs ratio
     following a cubic ramp down to the target, fine-tuning in between."""
 
+    Options = GradualOptions
+
     def __init__(self, steps: int = 4, span: float = 0.3) -> None:
         self.steps, self.span = steps, span
         self._at: dict[int, float] = {}
-
-    @classmethod
-    def from_config(cls, config: CompressConfig) -> Gradual:
-        return cls(steps=config.prune_steps, span=config.schedule_span or 0.3)
 
     def begin(self, run: Run) -> None:
         last = int(self.span * run.total_steps)
@@ -83,6 +147,8 @@ class OCS(BaseSchedule):
     sets stop changing (mean Jaccard of check t against t-2, averaged over the last 3 checks, at least
     ``threshold``) or at ``span`` of the cycle at the latest."""
 
+    Options = OCSOptions
+
     def __init__(self, check_every: int | None = None, span: float = 0.3, threshold: float = 0.999,
                  decay: float = 1.0) -> None:
         self.check_every, self.span, self.threshold, self.decay = check_every, span, threshold, decay
@@ -92,11 +158,6 @@ class OCS(BaseSchedule):
         self._mask: ChannelMask | None = None
         self._pruned_at: int | None = None
         self._why = ""
-
-    @classmethod
-    def from_config(cls, config: CompressConfig) -> OCS:
-        return cls(check_every=config.check_every, span=config.schedule_span or 0.3,
-                   threshold=config.stability_threshold, decay=config.ocs_decay)
 
     def begin(self, run: Run) -> None:
         if run.total_steps == 0:
@@ -154,6 +215,8 @@ class Cyclical(BaseSchedule):
     none to the target and holds; at each cycle's start the masks are released, so channels masked by
     mistake can come back. One physical prune, of the last mask, ends the last cycle."""
 
+    Options = CyclicalOptions
+
     def __init__(self, cycles: int = 3, span: float = 0.6, check_every: int | None = None) -> None:
         self.cycles, self.span, self.check_every = cycles, span, check_every
         self._length = 0
@@ -162,10 +225,6 @@ class Cyclical(BaseSchedule):
         self._mask_ratio = 1.0
         self._ends: list[dict[str, frozenset[int]]] = []
         self._done = False
-
-    @classmethod
-    def from_config(cls, config: CompressConfig) -> Cyclical:
-        return cls(cycles=config.cycles, span=config.schedule_span or 0.6, check_every=config.check_every)
 
     def begin(self, run: Run) -> None:
         self._length = max(1, int(self.span * run.total_steps) // self.cycles)

@@ -23,7 +23,9 @@ from .events import read_events
 from .store import TERMINAL, Store
 
 # Options a job may not set: the service owns paths and never unpickles.
-_PAIRS = {"mean": ("std",), "std": ("mean",)}
+_PAIRS = {"mean": ("std",), "std": ("mean",), "schedule_options": ("schedule",), "criterion_options": ("criterion",)}
+_MAPPINGS = {"schedule_options", "criterion_options"}
+"""Fields that take a JSON object: a plug-in's options, which the plug-in validates."""
 _RESERVED = {"model_path", "data_path", "out_dir", "overwrite", "trust_pickle"}
 
 
@@ -52,14 +54,17 @@ def check_options(options: Any, allow_arch: tuple[str, ...]) -> dict[str, Any]:
             errors[key] = "is set by the service"
         elif key not in fields:
             errors[key] = "is not an option of compress"
-        elif isinstance(value, (dict,)):
-            errors[key] = "must be a number, string, boolean, list or null"
+        elif isinstance(value, dict) != (key in _MAPPINGS):
+            errors[key] = ("must be a JSON object of the plug-in's options" if key in _MAPPINGS
+                           else "must be a number, string, boolean, list or null")
         else:
             try:
                 kw = dict(base, **{key: tuple(value) if isinstance(value, list) else value})
                 for partner in _PAIRS.get(key, ()):  # checked together: alone each one is an error
                     if isinstance(options.get(partner), list):
                         kw[partner] = tuple(options[partner])
+                    elif key in _MAPPINGS and isinstance(options.get(partner), str):
+                        kw[partner] = options[partner]
                 if key == "target_latency":
                     kw.pop("target_flops")
                 CompressConfig(**kw)
@@ -71,9 +76,9 @@ def check_options(options: Any, allow_arch: tuple[str, ...]) -> dict[str, Any]:
     if arch is None and "arch" not in errors:
         errors["arch"] = "is required (the service loads state dicts only)"
     elif isinstance(arch, str):
-        from compressor.models import list_models
+        from compressor.architectures import available_models
 
-        if arch not in list_models() and arch not in allow_arch:
+        if arch not in available_models() and arch not in allow_arch:
             errors["arch"] = f"{arch!r} is neither a registered model nor on the server's --allow-arch"
     elif "arch" not in errors:
         errors["arch"] = "must be a string"

@@ -1,0 +1,124 @@
+"""The safety net and the floor: which groups break the model when pruned (torch-pruning cannot foresee
+every shape a forward depends on), and the smallest FLOPs ratio the search can reach without them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import flops
+from ..errors import GraphError, TargetUnreachableError, one_line
+from ..graph import CouplingGraph
+from ..tp_compat import UnmappedReshape
+from .apply import pruned_copy
+from .plan import Chunk, _chunks, _plan
+
+BROKEN_PRUNE: tuple[type[BaseException], ...] = (
+    GraphError,  # torch-pruning refused the group (check_pruning_group), or a head count would reach 0
+    UnmappedReshape,  # the group's channels cross a reshape torch-pruning cannot map
+    RuntimeError,  # the pruned forward: shape mismatches, a width in a view/reshape/split/layer_norm
+    IndexError,  # torch-pruning's index mappings, or the forward indexing a channel that is gone
+    ValueError,  # torch-pruning's pruners and shape checks
+    ArithmeticError,  # torch-pruning's index mappings dividing by a width that became 0
+    AssertionError,  # shape asserts in a model's forward (timm, nn.MultiheadAttention)
+)
+"""What pruning a group that breaks the model raises, in torch-pruning or in the pruned forward (found
+on the torchvision matrix and the test models). Anything else (a TypeError, AttributeError or NameError)
+is a bug, ours or a plug-in's, and propagates instead of becoming "this group breaks the model"."""
+
+
+def _breaks(graph: CouplingGraph, chunks: list[Chunk]) -> str | None:
+    """Why pruning ``chunks`` from a copy breaks the model (pruning or the forward fails), or None."""
+    try:
+        model = pruned_copy(graph, _plan(chunks))
+        with torch.no_grad():
+            model(graph.example_input)
+    except BROKEN_PRUNE as exc:
+        return one_line(exc, 160)
+    return None
+
+
+def screen_groups(graph: CouplingGraph, order: list[Chunk]) -> dict[int, str]:
+    """The groups whose pruning breaks the model (index or shape errors torch-pruning does not
+    foresee: head counts, shape constants in a reshape), group index -> why.
+
+    Called once every group pruned to its cap failed: each group is tried alone, one probe each.
+    """
+    unsafe = {}
+    for g in sorted({g for g, _ in order}):
+        why = _breaks(graph, [c for c in order if c[0] == g])
+        if why is not None:
+            unsafe[g] = why
+    rest = [c for c in order if c[0] not in unsafe]
+    why = _breaks(graph, rest)
+    if why is not None:
+        raise GraphError(f"pruning breaks the model although each group alone does not ({why})",
+                         hint="protect the layers involved (they interact through a shape the pruner cannot see)")
+    return unsafe
+
+
+def unsafe_groups(graph: CouplingGraph, *, max_prune_fraction: float, round_to: int = 1) -> dict[int, str]:
+    """The groups the search would find breaking the model and leave unpruned, group index -> why.
+
+    The search's own test: every group pruned to its cap, and only if that fails, ``screen_groups``.
+    One probe for a model that is fine.
+    """
+    order = _chunks(graph.groups, [torch.ones(s.units) for s in graph.groups], max_fraction=max_prune_fraction,
+                    round_to=round_to)
+    if not order or _breaks(graph, order) is None:
+        return {}
+    return screen_groups(graph, order)
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The smallest MACs ratio the search can reach at a rounding and cap, and the groups left out for it."""
+
+    ratio: float
+    unsafe: dict[int, str]
+    """Group index -> why pruning it breaks the model (the search leaves those unpruned)."""
+    round_to: int
+    max_prune_fraction: float
+
+    def unsafe_by_root(self, graph: CouplingGraph) -> dict[str, str]:
+        return {graph.groups[g].root: why for g, why in self.unsafe.items()}
+
+
+def unreachable(target: float, floor: float, *, max_prune_fraction: float) -> TargetUnreachableError:
+    """The error of a FLOPs target below the smallest reachable ratio (the one builder of it)."""
+    return TargetUnreachableError(
+        f"--target-flops {target:g} is unreachable: the smallest reachable ratio is {floor:.3f} "
+        f"(at most {max_prune_fraction:.0%} of each group's channels can be removed)",
+        hint=f"ask for {math.ceil(floor * 1000) / 1000:g} or more, or raise --max-prune-per-group")
+
+
+def floor(graph: CouplingGraph, *, max_prune_fraction: float, round_to: int = 1,
+          scores: list[torch.Tensor] | None = None) -> Floor:
+    """Every group pruned to its cap, except the groups whose pruning breaks the model (found by
+    :func:`screen_groups`): the smallest ratio, and those groups. The ratio depends on the caps, not
+    on the scores (``scores`` only choose which channels the probe removes)."""
+    scores = scores if scores is not None else [torch.ones(spec.units) for spec in graph.groups]
+    order = _chunks(graph.groups, scores, max_fraction=max_prune_fraction, round_to=round_to)
+    if not order:
+        raise TargetUnreachableError("nothing in the model can be pruned (every group is protected or capped)")
+    unsafe: dict[int, str] = {}
+    try:
+        pruned = pruned_copy(graph, _plan(order))
+        macs = flops.measure(pruned, graph.example_input).macs
+    except BROKEN_PRUNE:  # as in the search: find the groups that break the model and go on without them
+        unsafe = screen_groups(graph, order)
+        order = [c for c in order if c[0] not in unsafe]
+        if not order:
+            raise TargetUnreachableError("nothing in the model can be pruned without breaking it: "
+                                         + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
+        macs = flops.measure(pruned_copy(graph, _plan(order)), graph.example_input).macs
+    return Floor(ratio=macs / flops.measure(graph.model, graph.example_input).macs, unsafe=unsafe, round_to=round_to,
+                 max_prune_fraction=max_prune_fraction)
+
+
+def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_fraction: float,
+                round_to: int = 1) -> float:
+    """The smallest MACs ratio the search can reach (:func:`floor`)."""
+    return floor(graph, max_prune_fraction=max_prune_fraction, round_to=round_to, scores=scores).ratio
