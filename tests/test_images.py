@@ -269,3 +269,64 @@ def test_an_input_size_the_model_cannot_take(tmp_path):
 def test_input_size_flag_errors(text):
     with pytest.raises(ConfigError, match="--input-size"):
         parse_input_size(text)
+
+
+# -- end to end ----------------------------------------------------------------------------------------
+
+
+def prepare_like_the_readme(path: Path, p: dict) -> np.ndarray:
+    """The README's deployment recipe: Pillow and numpy only, driven by the recorded preprocessing."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(Image.open(path)).convert(p["channel_order"])
+    filt = getattr(Image.Resampling, p["interpolation"].upper())
+    if p["resize"] and len(p["resize"]) == 1:  # the shorter side to resize[0], as torchvision does
+        w, h = img.size
+        s = p["resize"][0]
+        img = img.resize((s, int(s * h / w)) if w <= h else (int(s * w / h), s), filt)
+    elif p["resize"]:
+        img = img.resize((p["resize"][1], p["resize"][0]), filt)
+    H, W = p["input_size"]
+    left, top = int(round((img.width - W) / 2)), int(round((img.height - H) / 2))
+    x = np.asarray(img.crop((left, top, left + W, top + H)), dtype=np.float32) / 255
+    x = x[..., None] if x.ndim == 2 else x
+    x = (x - np.array(p["mean"], dtype=np.float32)) / np.array(p["std"], dtype=np.float32)
+    return x.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def test_compress_a_folder_of_mixed_photos_end_to_end(tmp_path):
+    import json
+
+    from torchvision.models.resnet import BasicBlock, ResNet
+    from typer.testing import CliRunner
+
+    from compressor.checkpoint import load_pruned
+    from compressor.cli.compress import app
+    from compressor.validate import open_session
+
+    files = write_mixed_folder(tmp_path / "photos", per_class=8, classes=3)
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=3).eval()  # torchvision's ResNet, one block a stage
+    torch.save(model, tmp_path / "resnet.pt")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [str(tmp_path / "resnet.pt"), "--trust-pickle", "--data", str(tmp_path / "photos"),
+                                      "--input-size", "32", "--target-flops", "0.5", "--epochs", "1", "--batch-size", "8",
+                                      "--latency-runs", "2", "--device", "cpu", "--workers", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    prep = report["data"]["preprocessing"]
+    assert (prep["input_size"], prep["resize"], prep["crop_pct"], prep["channel_order"]) == ([32, 32], [36], 0.875, "RGB")
+    assert report["data"]["lazy"] and report["data"]["num_samples"] == 24
+    session = open_session(out / "model.onnx", device="cpu")
+    assert json.loads(session.get_modelmeta().custom_metadata_map["preprocessing"]) == prep
+    assert torch.load(out / "model.pt", weights_only=False)["preprocessing"] == prep
+    pruned = load_pruned(out / "model.pt", base=torch.load(tmp_path / "resnet.pt", weights_only=False)).eval()
+    transform = Preprocessing(**{k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()
+                                 if k not in ("steps", "sources")}).eval_transform()
+    for path in files[::3]:
+        x = prepare_like_the_readme(path, prep)
+        ours = transform(images_module.open_image(path, "RGB")).unsqueeze(0)
+        np.testing.assert_allclose(x, ours.numpy(), atol=1e-5)
+        with torch.no_grad():
+            expected = pruned(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, rtol=1e-3, atol=1e-4)
