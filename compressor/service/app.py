@@ -24,7 +24,7 @@ from .store import TERMINAL, Store
 
 # Options a job may not set: the service owns paths and never unpickles.
 _PAIRS = {"mean": ("std",), "std": ("mean",)}
-_RESERVED = {"model_path", "data_path", "out_dir", "overwrite", "trust_pickle"}
+_RESERVED = {"model_path", "data_path", "val_data", "out_dir", "overwrite", "trust_pickle"}
 
 
 @dataclass(frozen=True)
