@@ -233,10 +233,14 @@ class CompressConfig:
         from .preprocess import check_options
 
         check_options(crop_pct=self.crop_pct, interpolation=self.interpolation, augment=self.augment or "none")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
-        if self.input_size is not None and (len(self.input_size) != 2 or min(self.input_size) < 1):
-            raise ConfigError(f"--input-size takes H or H,W (positive whole numbers), got {self.input_size}")
+        if self.workers is not None and not 0 <= self.workers <= 64:
+            raise ConfigError(f"--workers must be a whole number from 0 to 64, got {self.workers}")
+        if self.input_size is not None:
+            # the service's JSON gives a list, or one number for a square
+            size = (self.input_size,) * 2 if isinstance(self.input_size, int) else tuple(self.input_size)
+            if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
+                raise ConfigError(f"--input-size takes H or H,W (positive whole numbers), got {self.input_size}")
+            object.__setattr__(self, "input_size", size)
 
     @property
     def output_dir(self) -> Path:
