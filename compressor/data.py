@@ -107,6 +107,8 @@ class LoadedData:
     workers: int = 0
     """DataLoader worker processes for lazily read splits (0: in this process)."""
     preprocessing: Preprocessing | None = None
+    _heads: dict = field(default_factory=dict, repr=False, compare=False)
+    """:meth:`head` results: the example input and latency sample are asked for by several stages."""
 
     @classmethod
     def from_tensors(cls, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor | None = None,
@@ -143,7 +145,11 @@ class LoadedData:
         ds = self.split(split)
         if isinstance(ds, TensorImages):
             return ds.x[:n]
-        return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
+        n = min(n, len(ds))
+        cached = next((x for (s, m), x in self._heads.items() if s == split and m >= n), None)
+        if cached is None:
+            cached = self._heads[(split, n)] = torch.stack([ds[i][0] for i in range(n)])
+        return cached[:n]
 
     def batches(self, split: str = "val", *, batch_size: int, limit: int | None = None,
                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
