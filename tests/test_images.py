@@ -330,3 +330,18 @@ def test_compress_a_folder_of_mixed_photos_end_to_end(tmp_path):
         with torch.no_grad():
             expected = pruned(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_bad_image_input_is_one_line_exit_2_and_nothing_written(tmp_path):
+    from typer.testing import CliRunner
+
+    from compressor.cli.compress import app
+
+    write_mixed_folder(tmp_path / "photos", per_class=2)
+    torch.save(Counting(), tmp_path / "m.pt")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [str(tmp_path / "m.pt"), "--trust-pickle", "--data", str(tmp_path / "photos"),
+                                      "--target-flops", "0.5", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists() and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "images differ in size" in errors[0] and "--input-size" in result.stderr
