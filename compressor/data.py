@@ -10,6 +10,7 @@ so memory does not grow with the number of images. Every problem a user can fix 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .sources import Scanned, scan_data, _Prepared
 __all__ = ["DataInfo", "LoadedData", "Scanned", "scan_data", "prepare_data", "load_data", "iterate_batches",
            "default_workers"]
 
+EVAL_BATCH_VALUES = 1 << 23
+"""Input values per inference batch (:meth:`LoadedData.eval_batch_size`): 256 images up to 3x96x96, 55 at 3x224x224."""
 STATS_SAMPLE = 512
 """Training images (seeded sample) the mean/std of lazily read images are computed on, when not given."""
 
@@ -127,6 +130,11 @@ class LoadedData:
     @property
     def in_memory(self) -> bool:
         return isinstance(self.train, TensorImages) and isinstance(self.val, TensorImages)
+
+    def eval_batch_size(self, cap: int = 256) -> int:
+        """A batch for inference that keeps activations bounded: ``cap`` at 28x28, fewer at 224x224
+        (ResNet-18's activations on 256 such images alone take gigabytes)."""
+        return max(1, min(cap, EVAL_BATCH_VALUES // max(1, math.prod(self.info.input_shape))))
 
     def split(self, name: str) -> torch.utils.data.Dataset:
         if name not in ("train", "val"):

@@ -63,7 +63,7 @@ def predict(model: nn.Module, x: torch.Tensor | LoadedData | Iterable, *, batch_
     device = device or torch.device("cpu")
     model.eval()
     if isinstance(x, LoadedData):
-        x = x.batches("val", batch_size=batch_size, pin_memory=device.type == "cuda")
+        x = x.batches("val", batch_size=x.eval_batch_size(batch_size), pin_memory=device.type == "cuda")
     if isinstance(x, torch.Tensor):
         outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
     else:
@@ -173,7 +173,7 @@ class Cycle:
         if settings.distill and teacher is not None and settings.epochs > 0:
             if settings.augment == "none":
                 teacher.to(device)
-                self.soft = predict(teacher, data.batches("train", batch_size=256), device=device)
+                self.soft = predict(teacher, data.batches("train", batch_size=data.eval_batch_size()), device=device)
                 teacher.cpu()
             else:
                 self.teacher = teacher

@@ -254,7 +254,7 @@ def validate(
     compressed = open_session(compressed_onnx, device=device)
     provider = compressed.get_providers()[0]
     # One pass over the validation images (read lazily for a folder) serves parity and both accuracies.
-    out_original, out_compressed = run_all([original, compressed], (x for x, _ in data.batches("val", batch_size=64)),
+    out_original, out_compressed = run_all([original, compressed], (x for x, _ in data.batches("val", batch_size=data.eval_batch_size(64))),
                                            check=check)
     result_parity = judge_parity(parity(compressed, reference_logits, out_compressed), provider=provider,
                                  override=parity_tolerance)
