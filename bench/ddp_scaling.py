@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compressor import distributed, finetune as ft  # noqa: E402
-from compressor.data import load_data  # noqa: E402
+from compressor.data import LoadedData, load_data  # noqa: E402
 from compressor.loading import load_model  # noqa: E402
 
 
@@ -38,7 +37,8 @@ def main() -> None:
     # loaded machine made the in-process run 20x slower.
     torch.set_num_threads(max(1, (__import__("os").cpu_count() or 1) // 2))
     data = load_data(ROOT / "models/demo/fmnist_sample.npz", val_fraction=0.2, seed=0, mean=(0.2860,), std=(0.3530,))
-    data = dataclasses.replace(data, train_x=data.train_x[: args.images], train_y=data.train_y[: args.images])
+    data = LoadedData.from_tensors(data.train_x[: args.images], data.train_y[: args.images], data.val_x, data.val_y,
+                                   info=data.info)
     model = load_model(ROOT / "models/demo/resnet20_fmnist.pt", arch="resnet20", trust_pickle=False, image_size=28).model
     settings = ft.FinetuneSettings(epochs=1, batch_size=32, lr=0.01, optimizer="sgd", weight_decay=5e-4, distill=True,
                                    temperature=4.0, alpha=0.7, seed=0)

@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["plain", "default"],
                    help="plain (the torch-pruning recipe) and compress variants: default, roundN, nodistill, "
-                        "schedule:NAME, criterion:NAME")
+                        "schedule:NAME, criterion:NAME, augment:NAME")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipe.json")
@@ -166,7 +166,7 @@ def main() -> None:
 
 def overrides(variant: str) -> dict:
     """``CompressConfig`` fields of a variant: ``default``, ``roundN`` (``--round-to N``), ``nodistill``, ``lrX`` (``--lr X``), ``schedule:NAME``,
-    ``criterion:NAME``."""
+    ``criterion:NAME``, ``augment:NAME`` (``--augment``)."""
     if variant == "default":
         return {}
     if variant.startswith("round") and variant[5:].isdigit():
@@ -176,7 +176,7 @@ def overrides(variant: str) -> dict:
     if variant.startswith("lr"):
         return {"lr": float(variant[2:])}
     kind, _, name = variant.partition(":")
-    if kind in ("schedule", "criterion") and name:
+    if kind in ("schedule", "criterion", "augment") and name:
         return {kind: name}
     raise SystemExit(f"unknown variant {variant!r}")
 

@@ -25,11 +25,20 @@ def _floats(value: Optional[str], flag: str) -> Optional[tuple[float, ...]]:
         raise typer.BadParameter(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
 
 
+def _input_size(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    from compressor.preprocess import parse_input_size
+
+    return parse_input_size(value)
+
+
 @app.command(cls=OneLineCommand)
 def compress(
     model: Annotated[Path, typer.Argument(help="Trained model: a state dict (with --arch) or a pickled module (with --trust-pickle).")],
     data: Annotated[Path, typer.Option(help="Labelled images: .npz (images/labels or x/y), .pt dict of tensors, "
-                                       "or a folder with one sub-folder per class.")],
+                                       "a folder with one sub-folder per class (any image sizes), or "
+                                       "package.module:function returning a torch Dataset or a (train, val) pair.")],
     target_flops: Annotated[Optional[float], typer.Option(help="Fraction of the original FLOPs to keep, 0 < x < 1. FLOPs are "
                                                           "multiply-accumulates (MACs) as torch-pruning counts them, batch 1.")] = None,
     target_latency: Annotated[Optional[float], typer.Option(help="Fraction of the original's onnxruntime latency to reach, "
@@ -97,6 +106,21 @@ def compress(
                                                               "(repeatable; `compressor schedules` lists them).")] = None,
     criterion_opt: Annotated[Optional[List[str]], typer.Option(help="KEY=VALUE: an option of the criterion "
                                                                "(repeatable; `compressor criteria` lists them).")] = None,
+    val_data: Annotated[Optional[Path], typer.Option(help="A separate validation set, in the same form as --data, "
+                                                     "instead of the seeded split.")] = None,
+    input_size: Annotated[Optional[str], typer.Option(help="H or H,W the images are resized and center-cropped to "
+                                                      "[default: the model's data config (timm), else the images' "
+                                                      "own size when they all share one].")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option(help="Center-crop fraction: resize to input-size / crop-pct, "
+                                                      "then crop [default: the model's, else 1 for images at the "
+                                                      "input size, else 0.875].")] = None,
+    interpolation: Annotated[Optional[str], typer.Option(help="bilinear, bicubic or nearest [default: the model's, "
+                                                         "else bilinear].")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="Fine-tuning augmentation: none, light (random-resized crop "
+                                                   "+ flip), strong (adds TrivialAugment and MixUp/CutMix) "
+                                                   "[default: light for image files, none for arrays].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes for image folders and large "
+                                                   "arrays [default: CPU count - 1, at most 8].")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,
     json_events: Annotated[Optional[str], typer.Option(help="Also write the run's progress events as JSON lines to "
                                                        "this file ('-': stderr, instead of the progress display).")] = None,
@@ -122,7 +146,9 @@ def compress(
             overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs,
             parity_tolerance=parity_tolerance, nproc_per_node=nproc_per_node,
             schedule_options=parse_pairs(schedule_opt or (), flag="--schedule-opt"),
-            criterion_options=parse_pairs(criterion_opt or (), flag="--criterion-opt"))
+            criterion_options=parse_pairs(criterion_opt or (), flag="--criterion-opt"),
+            val_data=val_data, input_size=_input_size(input_size), crop_pct=crop_pct, interpolation=interpolation,
+            augment=augment, workers=workers)
         with _event_sink(json_events) as sink, cancel_on_sigint() as cancel:
             result = run(config, progress=sink, cancel=cancel)
         try:

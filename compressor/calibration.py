@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import criteria
-from .data import LoadedData, iterate_batches
+from .data import LoadedData
 
 
 def calibrate(model: nn.Module, data: LoadedData, *, batches: int, batch_size: int,
@@ -21,9 +21,7 @@ def calibrate(model: nn.Module, data: LoadedData, *, batches: int, batch_size: i
     device = next(model.parameters()).device  # schedules calibrate the model they are training, maybe on a GPU
     model.zero_grad(set_to_none=True)
     model.eval()  # gradients of the deployed function: BN statistics stay as trained
-    for i, (xb, yb) in enumerate(iterate_batches(data.train_x, data.train_y, batch_size=batch_size)):
-        if i >= batches:
-            break
+    for xb, yb in data.batches("train", batch_size=batch_size, limit=batches):
         xb, yb = xb.to(device), yb.to(device)
         if not per_sample:
             torch.nn.functional.cross_entropy(model(xb), yb).backward()
@@ -55,9 +53,7 @@ def activation_stats(model: nn.Module, data: LoadedData, *, batches: int, batch_
     device = next(model.parameters()).device
     try:
         model.eval()
-        for i, (xb, _) in enumerate(iterate_batches(data.train_x, data.train_y, batch_size=batch_size)):
-            if i >= batches:
-                break
+        for xb, _ in data.batches("train", batch_size=batch_size, limit=batches):
             model(xb.to(device))
     finally:
         for h in handles:

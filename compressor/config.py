@@ -162,6 +162,22 @@ class CompressConfig:
     criterion_options: Mapping[str, Any] = field(default_factory=dict)
     """The criterion's options, KEY -> VALUE (``--criterion-opt``; ``compressor criteria`` lists them)."""
 
+    # -- reading the data at the model's resolution (compressor.data, compressor.preprocess) --
+    val_data: Path | None = None
+    """A separate validation set (same form as ``data_path``) instead of the seeded split."""
+    input_size: tuple[int, int] | None = None
+    """(H, W) images are resized and center-cropped to (default: the model's data config, else the images'
+    own size when they all share one)."""
+    crop_pct: float | None = None
+    """Center-crop fraction: images are resized to ``input_size / crop_pct`` first (default: the model's,
+    else 1 for images already at the input size, else 0.875)."""
+    interpolation: str | None = None
+    """Resize interpolation: bilinear, bicubic or nearest (default: the model's, else bilinear)."""
+    augment: str | None = None
+    """Fine-tuning augmentation: none, light or strong (default: light for image files, none for arrays)."""
+    workers: int | None = None
+    """DataLoader worker processes for lazily read data (default: CPU count - 1, at most 8; 0 reads in-process)."""
+
     def __post_init__(self) -> None:
         if self.target_flops is None and self.target_latency is None:
             raise ConfigError("give --target-flops, --target-latency or both",
@@ -223,6 +239,17 @@ class CompressConfig:
                               f"--nproc-per-node {self.nproc_per_node}")
         if self.calibration_batches < 1:
             raise ConfigError(f"--calibration-batches must be at least 1, got {self.calibration_batches}")
+        from .preprocess import check_options
+
+        check_options(crop_pct=self.crop_pct, interpolation=self.interpolation, augment=self.augment or "none")
+        if self.workers is not None and not 0 <= self.workers <= 64:
+            raise ConfigError(f"--workers must be a whole number from 0 to 64, got {self.workers}")
+        if self.input_size is not None:
+            # the service's JSON gives a list, or one number for a square
+            size = (self.input_size,) * 2 if isinstance(self.input_size, int) else tuple(self.input_size)
+            if len(size) != 2 or not all(isinstance(v, int) and v >= 1 for v in size):
+                raise ConfigError(f"--input-size takes H or H,W (positive whole numbers), got {self.input_size}")
+            object.__setattr__(self, "input_size", size)
         self._check_plugin_options()
 
     def _check_plugin_options(self) -> None:

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -88,7 +88,7 @@ class DataParallelCycle(Cycle):
         model, self.sync_bn = prepare_model(model, device.type)
         super().__init__(model, data, dataclasses.replace(settings, batch_size=per_rank), teacher=teacher,
                          device=device)
-        shard = math.ceil(len(data.train_x) / world)
+        shard = math.ceil(len(data.labels("train")) / world)
         self.steps_per_epoch = math.ceil(shard / per_rank)
         self.total_steps = settings.epochs * self.steps_per_epoch
         self._ddp: tuple[nn.Module, nn.Module] | None = None
@@ -104,15 +104,13 @@ class DataParallelCycle(Cycle):
             self._ddp = (self.model, DistributedDataParallel(self.model, device_ids=ids))  # buffers: rank 0's, every forward
         return self._ddp[1]
 
-    def batches(self, generator: torch.Generator, epoch: int) -> Iterator[torch.Tensor]:
+    def epoch_order(self, generator: torch.Generator, epoch: int) -> torch.Tensor:
         from torch.utils.data import DistributedSampler
 
-        sampler = DistributedSampler(range(len(self.data.train_x)), num_replicas=self.world, rank=self.rank,
+        sampler = DistributedSampler(range(len(self.data.labels("train"))), num_replicas=self.world, rank=self.rank,
                                      shuffle=True, seed=self.settings.seed)
         sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler), dtype=torch.long)
-        b = self.settings.batch_size
-        return (order[i : i + b] for i in range(0, len(order), b))
+        return torch.tensor(list(sampler), dtype=torch.long)
 
     def check_step(self) -> None:
         if self._die_at is not None and self._die_at == (self.rank, self.step):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +28,8 @@ class FinetuneSettings:
     alpha: float
     """Weight of the distillation term; cross-entropy gets ``1 - alpha``."""
     seed: int
+    augment: str = "none"
+    """``--augment``: none, light (random crops, flips) or strong (adds TrivialAugment, MixUp/CutMix)."""
 
 
 @dataclass(frozen=True)
@@ -54,22 +56,32 @@ def resolve_device(device: str) -> torch.device:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:
-    """Logits of ``model`` on ``x`` in eval mode, returned on the CPU."""
+def predict(model: nn.Module, x: torch.Tensor | LoadedData | Iterable, *, batch_size: int = 256,
+            device: torch.device | None = None) -> torch.Tensor:
+    """Logits of ``model`` in eval mode, returned on the CPU, on ``x``: a tensor of images, the
+    validation split of ``LoadedData`` (streamed), or an iterable of ``(images, ...)`` batches."""
     device = device or torch.device("cpu")
     model.eval()
-    outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    if isinstance(x, LoadedData):
+        x = x.batches("val", batch_size=x.eval_batch_size(batch_size), pin_memory=device.type == "cuda")
+    if isinstance(x, torch.Tensor):
+        outs = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    else:
+        outs = [model(batch[0].to(device, non_blocking=True)).float().cpu() for batch in x]
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device | None = None) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)``."""
-    return (predict(model, x, device=device).argmax(1) == y).float().mean().item()
+def accuracy(model: nn.Module, x: torch.Tensor | LoadedData, y: torch.Tensor | None = None, *,
+             device: torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, or on the validation split of ``LoadedData`` ``x``."""
+    labels = x.labels("val") if isinstance(x, LoadedData) else y
+    return (predict(model, x, device=device).argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batches: int = 20, batch_size: int = 64) -> bool:
-    """Re-estimate batch-norm running statistics on ``x`` (pruning shifts every activation's statistics).
+def recalibrate_bn(model: nn.Module, x: torch.Tensor | LoadedData, *, batches: int = 20, batch_size: int = 64) -> bool:
+    """Re-estimate batch-norm running statistics on ``x`` (pruning shifts every activation's statistics):
+    images, or the training split of ``LoadedData`` (unaugmented, ``batches`` batches read).
 
     Returns whether the model had batch norms to recalibrate.
     """
@@ -82,8 +94,12 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, batches: int = 20, batc
         m.momentum = None  # cumulative average over the calibration batches
     model.train()
     device = next(model.parameters()).device
-    for i in range(0, min(len(x), batches * batch_size), batch_size):
-        model(x[i : i + batch_size].to(device))
+    if isinstance(x, LoadedData):
+        for xb, _ in x.batches("train", batch_size=batch_size, limit=batches):
+            model(xb.to(device))
+    else:
+        for i in range(0, min(len(x), batches * batch_size), batch_size):
+            model(x[i : i + batch_size].to(device))
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     model.eval()
@@ -142,7 +158,7 @@ class Cycle:
         self.settings = settings
         self.device = device
         self.progress = progress or Progress()
-        self.steps_per_epoch = math.ceil(len(data.train_x) / settings.batch_size)
+        self.steps_per_epoch = math.ceil(len(data.labels("train")) / settings.batch_size)
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.step = 0
         self.lr = 0.0
@@ -150,12 +166,17 @@ class Cycle:
         if device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        # Without augmentation the teacher's logits are fixed: compute them once, not every epoch.
+        # Without augmentation the teacher's logits are fixed: compute them once, not every epoch. With it,
+        # the teacher sees the very batch the student sees (same crops, flips, mixes), on the fly.
         self.soft = None
+        self.teacher = None
         if settings.distill and teacher is not None and settings.epochs > 0:
-            teacher.to(device)
-            self.soft = predict(teacher, data.train_x, device=device)
-            teacher.cpu()
+            if settings.augment == "none":
+                teacher.to(device)
+                self.soft = predict(teacher, data.batches("train", batch_size=data.eval_batch_size()), device=device)
+                teacher.cpu()
+            else:
+                self.teacher = teacher
         self.optimizer = _optimizer(self.model, settings)
         self._good_state = copy.deepcopy(self.model.state_dict())
         self._good_label = "the start of fine-tuning"
@@ -165,10 +186,9 @@ class Cycle:
         """What the training step calls: the model (``distributed`` wraps it in DDP)."""
         return self.model
 
-    def batches(self, generator: torch.Generator, epoch: int):
-        """The index batches of one epoch (``distributed`` yields this rank's shard)."""
-        perm = torch.randperm(len(self.data.train_x), generator=generator)
-        return (perm[i : i + self.settings.batch_size] for i in range(0, len(perm), self.settings.batch_size))
+    def epoch_order(self, generator: torch.Generator, epoch: int) -> torch.Tensor:
+        """The training images' order in one epoch (``distributed`` gives this rank's shard)."""
+        return torch.randperm(len(self.data.labels("train")), generator=generator)
 
     def check_step(self) -> None:
         """Called after every optimiser step, before the schedule's hook (a test hook in ``distributed``)."""
@@ -200,9 +220,14 @@ class Cycle:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.net(xb)
             loss = F.cross_entropy(logits.float(), yb)
-            if self.soft is not None:
+            if self.soft is not None or self.teacher is not None:
                 t = s.temperature
-                kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(self.soft[idx].to(self.device) / t, 1),
+                if self.soft is not None:
+                    soft = self.soft[idx].to(self.device)
+                else:
+                    with torch.no_grad():
+                        soft = self.teacher.eval()(xb).float()
+                kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1),
                               reduction="batchmean", log_target=True) * t * t
                 loss = (1 - s.alpha) * loss + s.alpha * kd
         return loss, logits
@@ -215,11 +240,14 @@ class Cycle:
         stopped = None
         seen, last_loss = 0, float("nan")
         start = time.perf_counter()
+        if self.teacher is not None:
+            self.teacher.to(device)
         for epoch in range(s.epochs):
             self.progress.task(f"fine-tune epoch {epoch + 1}/{s.epochs}", self.steps_per_epoch)
             loss_sum, correct, count = 0.0, 0, 0
-            for idx in self.batches(generator, epoch):
-                xb, yb = data.train_x[idx].to(device, non_blocking=True), data.train_y[idx].to(device, non_blocking=True)
+            for xb, yb, idx in data.loader("train", batch_size=s.batch_size, order=self.epoch_order(generator, epoch),
+                                           augment=s.augment, pin_memory=device.type == "cuda"):
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
                 self.model.train()
                 self._set_lr()
                 loss, logits = self._loss(xb, yb, idx)
@@ -234,7 +262,7 @@ class Cycle:
                 seen += len(idx)
                 last_loss = loss.item()
                 loss_sum += last_loss * len(idx)
-                correct += (logits.argmax(1) == yb).sum().item()
+                correct += (logits.argmax(1) == (yb.argmax(1) if yb.dim() == 2 else yb)).sum().item()
                 count += len(idx)
                 self.progress.advance(1, loss=last_loss, acc=correct / count)
                 self.check_step()
@@ -244,7 +272,7 @@ class Cycle:
             if stopped:
                 self.model.load_state_dict(self._good_state)
                 break
-            val_acc = accuracy(self.model, data.val_x, data.val_y, device=device)
+            val_acc = accuracy(self.model, data, device=device)
             history.append({"epoch": epoch + 1, "loss": loss_sum / max(count, 1), "train_accuracy": correct / max(count, 1),
                             "val_accuracy": val_acc})
             self.progress.note(f"epoch {epoch + 1}: loss {loss_sum / max(count, 1):.4f}, val accuracy {val_acc:.2%}")
@@ -252,7 +280,9 @@ class Cycle:
             self._good_label = f"the end of epoch {epoch + 1}"
         seconds = time.perf_counter() - start
         self.model.eval().cpu()
-        final_acc = history[-1]["val_accuracy"] if history else accuracy(self.model, data.val_x, data.val_y)
+        if self.teacher is not None:
+            self.teacher.cpu()
+        final_acc = history[-1]["val_accuracy"] if history else accuracy(self.model, data)
         return FinetuneResult(
             epochs=len(history), steps=self.step, seconds=seconds, images_per_second=seen / seconds if seconds else 0.0,
             final_loss=last_loss, val_accuracy=final_acc, history=history, stopped_early=stopped,

@@ -282,7 +282,7 @@ def resolve_target(
     scores = pruning.score_groups(graph, criterion)
     graph.model.zero_grad(set_to_none=True)
     if timer is None:
-        timer = OnnxTimer(graph.model, example_input=graph.example_input, sample=data.val_x[:64],
+        timer = OnnxTimer(graph.model, example_input=graph.example_input, sample=data.head(64),
                           batch=config.latency_batch,
                           runs=config.latency_runs if config.latency_batch == 1 else max(5, config.latency_runs // 3),
                           device=config.device)

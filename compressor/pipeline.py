@@ -16,7 +16,7 @@ from . import (__version__, checkpoint, criteria, distributed, finetune as ft, g
                validate, watchdog)
 from .calibration import activation_stats, calibrate, prepare_criterion  # noqa: F401  (public here too)
 from .config import CompressConfig
-from .data import LoadedData, load_data
+from .data import LoadedData, prepare_data, scan_data
 from .errors import ConfigError, DataError, one_line
 from .export import ExportResult, export_onnx
 from .loading import LoadedModel, load_model
@@ -75,11 +75,16 @@ def check_fit(model: nn.Module, data: LoadedData) -> int:
     """Run the model on a few images; return its class count or say why the data does not fit."""
     try:
         with torch.no_grad():
-            out = model.eval()(data.val_x[:2])
+            out = model.eval()(data.head(2))
     except Exception as exc:
-        raise DataError(f"the model fails on the data's images of shape {tuple(data.info.input_shape)}: "
-                        f"{one_line(exc, 200)}",
-                        hint="check the channel count and image size the model expects") from exc
+        took = _sizes_taken(model, data.info.input_shape)
+        size = data.info.input_shape
+        source = dict(data.preprocessing.sources).get("input_size") if data.preprocessing else None
+        raise DataError(f"the model fails on the data's images of shape {tuple(size)}"
+                        + (" (--input-size)" if source == "given" else "") + f": {one_line(exc, 200)}"
+                        + (f"; it runs on {took}" if took else ""),
+                        hint="pass an --input-size the model takes" if took else
+                        "check the channel count and image size the model expects") from exc
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise DataError(f"the model's output has shape {tuple(getattr(out, 'shape', ()))}; a classifier giving (batch, classes) logits is expected")
     if not torch.isfinite(out).all():
@@ -90,6 +95,24 @@ def check_fit(model: nn.Module, data: LoadedData) -> int:
         raise DataError(f"labels go up to {data.info.num_classes - 1} but the model's classifier has {classes} outputs",
                         hint="the data's labels must be class indices 0..classes-1 of the model")
     return classes
+
+
+def _sizes_taken(model: nn.Module, shape: tuple[int, ...]) -> str:
+    """The first of a few common input sizes the model runs on, said as "CxHxW", or ""."""
+    from .preprocess import model_config
+
+    cfg = model_config(model).get("input_size")
+    candidates = ([tuple(cfg[1:])] if cfg else []) + [(224, 224), (32, 32), (28, 28), (64, 64), (96, 96), (160, 160)]
+    for h, w in dict.fromkeys(candidates):
+        if (h, w) == tuple(shape[1:]):
+            continue
+        try:
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, shape[0], h, w))
+        except Exception:  # this size does not fit either; try the next
+            continue
+        return f"{shape[0]}x{h}x{w}"
+    return ""
 
 
 def _metadata(config: CompressConfig, resolved: Resolved, result: pruning.PruneResult, data: LoadedData,
@@ -110,6 +133,7 @@ def _metadata(config: CompressConfig, resolved: Resolved, result: pruning.PruneR
         "std": json.dumps(list(data.info.std)),
         "num_classes": str(classes),
         "class_names": json.dumps(list(data.info.class_names) if data.info.class_names else None),
+        "preprocessing": json.dumps(data.info.preprocessing),
         "requested": json.dumps(_requested(config)),
         "resolved": json.dumps(resolved.to_dict()),
     }
@@ -122,11 +146,14 @@ def _requested(config: CompressConfig) -> dict[str, Any]:
             "max_prune_per_group": config.max_prune_per_group}
 
 
-def _finetune_settings(config: CompressConfig) -> ft.FinetuneSettings:
+def _finetune_settings(config: CompressConfig, data: LoadedData) -> ft.FinetuneSettings:
+    # Augmentation is on by default for image files (photos at real resolution), off for arrays (small
+    # images already prepared, where it has not been measured to pay; see BENCHMARKS.md).
+    augment = config.augment or ("none" if data.info.kind in ("npz", "pt") else "light")
     return ft.FinetuneSettings(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.peak_lr, optimizer=config.optimizer,
         weight_decay=config.weight_decay, distill=config.distill, temperature=config.distill_temperature,
-        alpha=config.distill_alpha, seed=config.seed)
+        alpha=config.distill_alpha, seed=config.seed, augment=augment)
 
 
 def _versions() -> dict[str, str]:
@@ -148,7 +175,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
     """
     events = EventStream.wrap(progress, cancel)
     clock = _Clock(events)
-    outputs.check_output_dir(config.output_dir, overwrite=config.overwrite, inputs=(config.model_path, config.data_path),
+    inputs = (config.model_path, config.data_path) + ((config.val_data,) if config.val_data else ())
+    outputs.check_output_dir(config.output_dir, overwrite=config.overwrite, inputs=inputs,
                              needed_bytes=outputs.expected_bytes(config.model_path))
     torch.manual_seed(config.seed)
     device = _device(config)
@@ -159,7 +187,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
         traced = _trace(config, loaded, events)
     with clock.stage("prune"):
         resolved = resolve(traced.graph, config, criterion=loaded.criterion, data=loaded.data, progress=events)
-        acc_original = ft.accuracy(loaded.model.model, loaded.data.val_x, loaded.data.val_y)
+        acc_original = ft.accuracy(loaded.model.model, loaded.data)
         run = _run(config, loaded, traced, resolved, device, events)
         run.start(loaded.schedule)
     pruning_before = run.prune_seconds
@@ -167,7 +195,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
         scheduled = run.finish(loaded.schedule, config.schedule, train=distributed.trainer(config))
     clock.book(run.prune_seconds - pruning_before, from_stage="fine-tune", to_stage="prune")
     # The pruned model's logits serve twice: its accuracy, and the reference the ONNX export must match.
-    reference = ft.predict(scheduled.model, loaded.data.val_x)
+    reference = ft.predict(scheduled.model, loaded.data)
     with outputs.staged_output(config.output_dir, overwrite=config.overwrite) as stage:
         with clock.stage("export"):
             exported = _export(config, loaded, resolved, scheduled, reference, acc_original, stage)
@@ -189,17 +217,22 @@ def _device(config: CompressConfig) -> torch.device:
 
 
 def _load(config: CompressConfig) -> Loaded:
-    data = load_data(config.data_path, val_fraction=config.val_fraction, seed=config.seed, mean=config.mean,
-                     std=config.std)
+    # The data is scanned first (labels, sizes, no pixels converted): a registry model is built for its
+    # image size; then the model's own data config and channel count shape the preprocessing.
+    scanned = scan_data(config.data_path, val_path=config.val_data, stats_given=config.mean is not None)
+    size = config.input_size or scanned.size
     model = load_model(config.model_path, arch=config.arch, trust_pickle=config.trust_pickle,
-                       image_size=data.info.input_shape[-1])
+                       image_size=size[-1] if size else None)
+    data = prepare_data(scanned, model=model.model, val_fraction=config.val_fraction, seed=config.seed,
+                        mean=config.mean, std=config.std, input_size=config.input_size, crop_pct=config.crop_pct,
+                        interpolation=config.interpolation, workers=config.workers)
     return Loaded(data=data, model=model, classes=check_fit(model.model, data),
                   criterion=criteria.get_criterion(config.criterion, config.criterion_options),
                   schedule=schedules.get_schedule(config.schedule, config))
 
 
 def _trace(config: CompressConfig, loaded: Loaded, events: EventStream) -> Traced:
-    coupling = graph.trace(loaded.model.model, loaded.data.val_x[:1], timeout=config.trace_timeout or None,
+    coupling = graph.trace(loaded.model.model, loaded.data.head(1), timeout=config.trace_timeout or None,
                            memory=watchdog.memory_budget(config.trace_memory), progress=events,
                            attention_pruning=config.attention_pruning)
     check_prunable(coupling)
@@ -211,13 +244,13 @@ def _trace(config: CompressConfig, loaded: Loaded, events: EventStream) -> Trace
 def _run(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Resolved, device: torch.device,
          events: EventStream) -> schedules.Run:
     return schedules.Run(original=loaded.model.model, data=loaded.data, config=config, criterion=loaded.criterion,
-                         settings=_finetune_settings(config), device=device, progress=events, graph=traced.graph,
+                         settings=_finetune_settings(config, loaded.data), device=device, progress=events, graph=traced.graph,
                          target=resolved.flops_ratio, round_to=resolved.round_to, floor=resolved.floor)
 
 
 def _export(config: CompressConfig, loaded: Loaded, resolved: Resolved, scheduled: schedules.ScheduleResult,
             reference: torch.Tensor, acc_original: float, stage: Path) -> Exported:
-    data, example = loaded.data, loaded.data.val_x[:1]
+    data, example = loaded.data, loaded.data.head(1)
     meta = _metadata(config, resolved, scheduled.prune, data, loaded.classes)
     acc_compressed = _accuracy(reference, data)
     compressed = export_onnx(scheduled.model, stage / "model.onnx", example_input=example,
@@ -226,24 +259,25 @@ def _export(config: CompressConfig, loaded: Loaded, resolved: Resolved, schedule
                            metadata={**meta, "model": "original", "accuracy_val": f"{acc_original:.6f}"})
     checkpoint.save_pruned(scheduled.model, stage / "model.pt", arch=loaded.model.arch, extra={
         "input_shape": list(data.info.input_shape), "mean": list(data.info.mean), "std": list(data.info.std),
+        "preprocessing": data.info.preprocessing,
         "num_classes": loaded.classes, "criterion": config.criterion, "schedule": config.schedule,
         "target_flops": config.target_flops, "requested": _requested(config), "resolved": resolved.to_dict()})
     return Exported(compressed=compressed, original=original)
 
 
 def _accuracy(logits: torch.Tensor, data: LoadedData) -> float:
-    return (logits.argmax(1) == data.val_y).float().mean().item()
+    return (logits.argmax(1) == data.labels("val")).float().mean().item()
 
 
 def _validate(config: CompressConfig, loaded: Loaded, scheduled: schedules.ScheduleResult, reference: torch.Tensor,
               stage: Path, events: EventStream) -> tuple[validate.ValidationResult, profile.LayerProfile]:
     data = loaded.data
     validation = validate.validate(stage / "original.onnx", stage / "model.onnx", reference_logits=reference,
-                                   val_x=data.val_x, val_y=data.val_y, device=config.device, runs=config.latency_runs,
+                                   data=data, device=config.device, runs=config.latency_runs,
                                    batches=tuple(sorted({1, 64, config.latency_batch})), check=events.check_cancel,
                                    parity_tolerance=config.parity_tolerance)
     layers = profile.layer_profile(loaded.model.model, scheduled.model, stage / "original.onnx", stage / "model.onnx",
-                                   example_input=data.val_x[:1], sample=data.val_x[:64], batch=config.latency_batch,
+                                   example_input=data.head(1), sample=data.head(64), batch=config.latency_batch,
                                    device=config.device)
     return validation, layers
 

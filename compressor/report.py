@@ -301,7 +301,8 @@ def to_markdown(r: CompressResult) -> str:
     if r.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in r.warnings]
     lines += ["", f"Data: {r.data.source}, input {r.data.input_shape}, mean {r.data.mean}, std {r.data.std} "
-              f"({r.data.normalization}).", f"Versions: {', '.join(f'{k} {v}' for k, v in r.versions.items())}."]
+              f"({r.data.normalization})" + (f"; preprocessing: {r.data.preprocessing['steps']}" if r.data.preprocessing else "")
+              + "." + (f" Unreadable images skipped: {len(r.data.skipped)}." if r.data.skipped else ""), f"Versions: {', '.join(f'{k} {v}' for k, v in r.versions.items())}."]
     return "\n".join(lines) + "\n"
 
 

@@ -151,7 +151,8 @@ class Run:
         self.round_to = round_to if round_to is not None else config.round_to
         self.floor = floor
         self.device = device
-        example = data.val_x[:1]
+        example = data.head(1)
+        self._example_cpu = example
         if graph is None:
             graph = trace(copy.deepcopy(original), example, attention_pruning=config.attention_pruning)
         elif graph.model is not original:
@@ -201,10 +202,10 @@ class Run:
 
     def accuracy(self) -> float:
         """Validation accuracy of the current model (left in eval mode; training sets train mode again)."""
-        return accuracy(self.model, self.data.val_x, self.data.val_y, device=self.device)
+        return accuracy(self.model, self.data, device=self.device)
 
     def _example(self) -> torch.Tensor:
-        return self.data.val_x[:1].to(next(self.model.parameters()).device)
+        return self._example_cpu.to(next(self.model.parameters()).device)
 
     # -- what a schedule can do ----------------------------------------------------------------------------
 
@@ -271,10 +272,10 @@ class Run:
     def _prune(self, pruned: nn.Module, *, reason: str) -> PruneEvent:
         before = self.accuracy()
         pruned.to(self.device)
-        after = accuracy(pruned, self.data.val_x, self.data.val_y, device=self.device)
+        after = accuracy(pruned, self.data, device=self.device)
         recalibrated = None
-        if self.config.bn_recalibration and recalibrate_bn(pruned, self.data.train_x, batch_size=self.config.batch_size):
-            recalibrated = accuracy(pruned, self.data.val_x, self.data.val_y, device=self.device)
+        if self.config.bn_recalibration and recalibrate_bn(pruned, self.data, batch_size=self.config.batch_size):
+            recalibrated = accuracy(pruned, self.data, device=self.device)
         self._graph = self._graph_of(pruned)
         self._costs = None
         self.cycle.replace_model(pruned)  # the state a non-finite loss falls back to: recalibrated
@@ -296,7 +297,7 @@ class Run:
         from . import watchdog
 
         c = self.config
-        return trace(pruned, self.data.val_x[:1].to(next(pruned.parameters()).device), timeout=c.trace_timeout or None,
+        return trace(pruned, self._example_cpu.to(next(pruned.parameters()).device), timeout=c.trace_timeout or None,
                      memory=watchdog.memory_budget(c.trace_memory), attention_pruning=c.attention_pruning)
 
     def prune_to(self, ratio: float, *, reason: str) -> PruneEvent | None:
@@ -307,7 +308,7 @@ class Run:
     # -- the whole run -------------------------------------------------------------------------------------
 
     def _result(self) -> pruning.PruneResult:
-        final = flops.measure(self.model, self.data.val_x[:1])
+        final = flops.measure(self.model, self._example_cpu)
         last = self._results[-1]
         layers = [pruning.LayerChange(spec.root, spec.size, module_width(self.model.get_submodule(spec.root), spec.handler)) for spec in self.groups
                   if isinstance(self.model.get_submodule(spec.root), ROOT_TYPES)]

@@ -13,16 +13,19 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import ParityError, ValidationError, one_line
 from .export import INPUT_NAME
+
+if TYPE_CHECKING:
+    from .data import LoadedData
 
 
 PARITY_TOLERANCE = {"CPUExecutionProvider": 1e-3, "CUDAExecutionProvider": 5e-3}
@@ -155,17 +158,25 @@ def open_session(model: bytes | Path, *, device: str = "auto", threads: int | No
 
 def run(session: Any, x: torch.Tensor, *, batch_size: int = 64, check: Callable[[], None] | None = None) -> np.ndarray:
     """Outputs of ``session`` on ``x``, batched; ``check`` (the cancel check) is called before each batch."""
-    outs = []
-    for i in range(0, len(x), batch_size):
+    return run_all([session], (x[i : i + batch_size] for i in range(0, len(x), batch_size)), check=check)[0]
+
+
+def run_all(sessions: list[Any], batches: Iterable[torch.Tensor], *, check: Callable[[], None] | None = None) -> list[np.ndarray]:
+    """Outputs of each session on every batch: one pass over (possibly lazily read) images for all of them."""
+    outs: list[list[np.ndarray]] = [[] for _ in sessions]
+    for x in batches:
         if check is not None:
             check()
-        outs.append(session.run(None, {INPUT_NAME: x[i : i + batch_size].numpy()})[0])
-    return np.concatenate(outs)
+        feed = {INPUT_NAME: x.numpy()}
+        for out, session in zip(outs, sessions):
+            out.append(session.run(None, feed)[0])
+    return [np.concatenate(o) for o in outs]
 
 
-def parity(session: Any, reference: torch.Tensor, x: torch.Tensor, *, check: Callable[[], None] | None = None) -> Parity:
-    """Compare ONNX outputs on ``x`` with the PyTorch ``reference`` logits."""
-    out = run(session, x, check=check)
+def parity(session: Any, reference: torch.Tensor, x: torch.Tensor | np.ndarray, *,
+           check: Callable[[], None] | None = None) -> Parity:
+    """Compare ONNX outputs on ``x`` (or the outputs themselves, an array) with the PyTorch ``reference`` logits."""
+    out = x if isinstance(x, np.ndarray) else run(session, x, check=check)
     ref = reference.numpy()
     if out.shape != ref.shape:
         raise ValidationError(f"ONNX output shape {out.shape} differs from PyTorch's {ref.shape}")
@@ -230,8 +241,7 @@ def validate(
     compressed_onnx: Path,
     *,
     reference_logits: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
+    data: LoadedData,
     device: str,
     batches: tuple[int, ...] = (1, 64),
     runs: int = 30,
@@ -243,14 +253,19 @@ def validate(
     original = open_session(original_onnx, device=device)
     compressed = open_session(compressed_onnx, device=device)
     provider = compressed.get_providers()[0]
-    result_parity = judge_parity(parity(compressed, reference_logits, val_x, check=check), provider=provider,
+    # One pass over the validation images (read lazily for a folder) serves parity and both accuracies.
+    out_original, out_compressed = run_all([original, compressed], (x for x, _ in data.batches("val", batch_size=data.eval_batch_size(64))),
+                                           check=check)
+    result_parity = judge_parity(parity(compressed, reference_logits, out_compressed), provider=provider,
                                  override=parity_tolerance)
-    lat = [latency(original, compressed, val_x[:64], batch=b, runs=runs if b == 1 else max(5, runs // 3), check=check)
+    sample = data.head(64)
+    lat = [latency(original, compressed, sample, batch=b, runs=runs if b == 1 else max(5, runs // 3), check=check)
            for b in batches]
+    labels = data.labels("val").numpy()
     return ValidationResult(
         provider=provider,
         parity=result_parity,
-        accuracy_original=onnx_accuracy(original, val_x, val_y, check=check),
-        accuracy_compressed=onnx_accuracy(compressed, val_x, val_y, check=check),
+        accuracy_original=float((out_original.argmax(1) == labels).mean()),
+        accuracy_compressed=float((out_compressed.argmax(1) == labels).mean()),
         latency=lat,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -10,6 +9,7 @@ from torch import nn
 from compressor import graph, pruning
 from compressor.pipeline import activation_stats, prepare_criterion
 from compressor.plugins.activation import MeanActivation
+from compressor.data import LoadedData
 
 
 class TwoConvs(nn.Module):
@@ -23,13 +23,13 @@ class TwoConvs(nn.Module):
         return self.fc(self.conv2(torch.relu(self.conv1(x))).mean((2, 3)))
 
 
-def _toy() -> tuple[TwoConvs, SimpleNamespace]:
+def _toy() -> tuple[TwoConvs, LoadedData]:
     model = TwoConvs().eval()
     with torch.no_grad():
         model.conv1.weight.copy_(torch.tensor([1.0, -1.0, 3.0]).view(3, 1, 1, 1))
         model.conv2.weight.fill_(1.0)
     x = torch.tensor([1.0, 2.0, -1.0, 4.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2).contiguous()
-    return model, SimpleNamespace(train_x=x, train_y=torch.zeros(4, dtype=torch.long))
+    return model, LoadedData.from_tensors(x, torch.zeros(4, dtype=torch.long))
 
 
 def test_activation_stats_are_mean_absolute_inputs_per_channel():

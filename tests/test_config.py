@@ -38,6 +38,14 @@ def test_fast_defaults_are_valid(make_config):
     ("mean", (0.5,), "--mean and --std"),
     ("latency_runs", 0, "--latency-runs"),
     ("calibration_batches", 0, "--calibration-batches"),
+    ("crop_pct", 1.5, "--crop-pct"),
+    ("crop_pct", float("nan"), "--crop-pct"),
+    ("interpolation", "cubic", "--interpolation"),
+    ("augment", "heavy", "--augment"),
+    ("workers", -1, "--workers"),
+    ("workers", 10**6, "--workers"),
+    ("input_size", (0, 4), "--input-size"),
+    ("input_size", (4, 4, 4), "--input-size"),
 ])
 def test_invalid_values_name_their_flag(make_config, field, value, flag):
     with pytest.raises(ConfigError, match=flag):

@@ -18,6 +18,7 @@ from compressor import criteria, graph, pruning, registry
 from compressor.cli.toolbox import app as toolbox
 from compressor.errors import ConfigError
 from compressor.plugins.magnitude import GroupL2
+from compressor.data import LoadedData
 from _tiny import IMAGE_SIZE, tiny_resnet20
 
 GROUP = criteria.ENTRY_POINT_GROUP
@@ -90,7 +91,7 @@ def test_every_registered_criterion_scores_every_group(name, coupling):
     criterion = criteria.get_criterion(name)
     assert isinstance(getattr(type(criterion), "needs_gradients", None), bool), "needs_gradients must be declared"
     x = torch.randn(4, 1, IMAGE_SIZE, IMAGE_SIZE)
-    prepare_criterion(criterion, coupling.model, SimpleNamespace(train_x=x, train_y=torch.arange(4)),
+    prepare_criterion(criterion, coupling.model, LoadedData.from_tensors(x, torch.arange(4)),
                       batches=1, batch_size=4)
 
     scores = pruning.score_groups(coupling, criterion)

@@ -5,7 +5,6 @@ Parametrized over the registry, so a criterion is tested the day it is registere
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from compressor.export import INPUT_NAME, export_onnx
 from compressor.models import create_model
 from compressor.pipeline import prepare_criterion
 from compressor.validate import open_session
+from compressor.data import LoadedData
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
@@ -48,7 +48,7 @@ def test_criterion_prunes_every_model_to_the_target(criterion_name, model_name, 
     coupling = graph.trace(model, example)
     criterion = criteria.get_criterion(criterion_name)
 
-    data = SimpleNamespace(train_x=torch.randn(16, 1, IMAGE_SIZE, IMAGE_SIZE), train_y=torch.arange(16) % NUM_CLASSES)
+    data = LoadedData.from_tensors(torch.randn(16, 1, IMAGE_SIZE, IMAGE_SIZE), torch.arange(16) % NUM_CLASSES)
     prepare_criterion(criterion, model, data, batches=2, batch_size=8)  # what the pipeline feeds it
     if criteria.needs_gradients(criterion):
         assert all(p.grad is not None for p in model.parameters()), "calibration left parameters without .grad"

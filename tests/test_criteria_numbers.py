@@ -6,7 +6,6 @@ plug-ins' code; only the group (which layers are coupled) comes from torch-pruni
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 
 from compressor import criteria, graph, pruning
 from compressor.pipeline import calibrate
+from compressor.data import LoadedData
 
 # -- a residual toy: conv1 -> bn1 -> relu -> conv2 -> bn2, plus a shortcut conv, flatten, fc1, head ------------
 
@@ -300,7 +300,7 @@ def test_taylor_is_weight_times_gradient_summed_over_the_group(toy):
 def test_hessian_calibrates_per_sample_through_the_pipeline(toy):
     model, coupling = toy
     torch.manual_seed(0)
-    data = SimpleNamespace(train_x=torch.randn(6, 2, 2, 2), train_y=torch.tensor([0, 1, 2, 3, 0, 1]))
+    data = LoadedData.from_tensors(torch.randn(6, 2, 2, 2), torch.tensor([0, 1, 2, 3, 0, 1]))
     params = dict(model.named_parameters())
     squares = {name: torch.zeros_like(p) for name, p in params.items()}
     for x, y in zip(data.train_x, data.train_y):  # per-sample gradients, written out here

@@ -50,8 +50,8 @@ def no_loading(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError("loaded before the early checks refused the run")
 
-    for module, name in ((compressor.pipeline, "load_model"), (compressor.pipeline, "load_data"),
-                         (compressor.loading, "load_model")):
+    for module, name in ((compressor.pipeline, "load_model"), (compressor.pipeline, "scan_data"),
+                         (compressor.pipeline, "prepare_data"), (compressor.loading, "load_model")):
         monkeypatch.setattr(module, name, loaded)
 
 

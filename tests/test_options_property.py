@@ -25,9 +25,10 @@ TEXT = st.one_of(st.sampled_from(["", "[/x]", "[best]", "é[bold]ü", ":", "a:b"
 COMPRESS_NUMERIC = ["--target-flops", "--target-latency", "--latency-batch", "--schedule-span", "--prune-steps",
                     "--check-every", "--stability-threshold", "--ocs-decay", "--cycles", "--batch-size", "--lr",
                     "--distill-alpha", "--distill-temperature", "--max-prune-per-group", "--round-to",
-                    "--val-fraction", "--seed", "--trace-timeout", "--trace-memory", "--latency-runs"]
+                    "--val-fraction", "--seed", "--trace-timeout", "--trace-memory", "--latency-runs",
+                    "--input-size", "--crop-pct", "--workers"]
 COMPRESS_TEXT = ["--arch", "--criterion", "--schedule", "--optimizer", "--attention", "--mean", "--std", "--device",
-                 "--out", "--data"]
+                 "--out", "--data", "--interpolation", "--augment", "--input-size"]
 INSPECT_NUMERIC = ["--max-prune-per-group", "--trace-timeout", "--trace-memory"]
 INSPECT_TEXT = ["--arch", "--input-shape", "--attention"]
 

@@ -26,7 +26,7 @@ from .store import TERMINAL, Store
 _PAIRS = {"mean": ("std",), "std": ("mean",), "schedule_options": ("schedule",), "criterion_options": ("criterion",)}
 _MAPPINGS = {"schedule_options", "criterion_options"}
 """Fields that take a JSON object: a plug-in's options, which the plug-in validates."""
-_RESERVED = {"model_path", "data_path", "out_dir", "overwrite", "trust_pickle"}
+_RESERVED = {"model_path", "data_path", "val_data", "out_dir", "overwrite", "trust_pickle"}
 
 
 @dataclass(frozen=True)
