@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["plain", "default"],
                    help="plain (the torch-pruning recipe) and compress variants: default, roundN, nodistill, "
-                        "schedule:NAME, criterion:NAME, augment:NAME")
+                        "reconstruct, noreconstruct, schedule:NAME, criterion:NAME, augment:NAME")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipe.json")
@@ -161,18 +161,27 @@ def main() -> None:
                             "test_original": test_accuracy(tmp / "run" / "original.onnx", test_x, test_y),
                             "speedup_b1": _speedup(result, 1), "speedup_b64": _speedup(result, 64),
                             "images_per_second": round(result.finetune.images_per_second, 1),
-                            "seconds": round(time.perf_counter() - start, 1)})
+                            "seconds": round(time.perf_counter() - start, 1),
+                            "stages_seconds": result.stage_seconds,
+                            "reconstruct_seconds": round(sum(e.reconstruction.seconds for e in result.schedule.events
+                                                             if e.reconstruction is not None), 2),
+                            "val_after_prune": result.accuracy_pruned_before_finetune,
+                            "val_after_bn_recal": result.accuracy_pruned_recalibrated,
+                            "val_after_reconstruct": result.accuracy_pruned_reconstructed})
 
 
 def overrides(variant: str) -> dict:
-    """``CompressConfig`` fields of a variant: ``default``, ``roundN`` (``--round-to N``), ``nodistill``, ``lrX`` (``--lr X``), ``schedule:NAME``,
-    ``criterion:NAME``, ``augment:NAME`` (``--augment``)."""
+    """``CompressConfig`` fields of a variant: ``default``, ``roundN`` (``--round-to N``), ``nodistill``,
+    ``reconstruct`` / ``noreconstruct`` (``--reconstruct`` / ``--no-reconstruct``), ``lrX`` (``--lr X``),
+    ``schedule:NAME``, ``criterion:NAME``, ``augment:NAME`` (``--augment``)."""
     if variant == "default":
         return {}
     if variant.startswith("round") and variant[5:].isdigit():
         return {"round_to": int(variant[5:])}
     if variant == "nodistill":
         return {"distill": False}
+    if variant in ("reconstruct", "noreconstruct"):
+        return {"reconstruct": variant == "reconstruct"}
     if variant.startswith("lr"):
         return {"lr": float(variant[2:])}
     kind, _, name = variant.partition(":")

@@ -3,6 +3,8 @@
     python bench/tables.py recipe            # accuracy at a fixed budget: mean, spread, difference to the original
     python bench/tables.py flops             # requested vs achieved FLOPs ratio
     python bench/tables.py cost              # stage times, throughput and memory against a bare loop
+    python bench/tables.py reconstruct       # accuracy after each step of a prune, and what reconstruction costs
+    python bench/tables.py recipe --results bench/results/recipe.json bench/results/recipe_reconstruct.json
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def recipe(path: Path = RESULTS / "recipe.json") -> str:
-    rows = json.loads(path.read_text())
+def recipe(*paths: Path) -> str:
+    rows = [r for path in paths or (RESULTS / "recipe.json",) for r in json.loads(path.read_text())]
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if "model" not in r:
@@ -46,6 +48,34 @@ def recipe(path: Path = RESULTS / "recipe.json") -> str:
         lines.append(f"| {model} | {target:g} | {name} | {len(group)} | {', '.join(f'{f:.3f}' for f in flops)} "
                      f"| {_pct(mean)} ± {100 * sd:.2f} | {_pct(min(tests))}-{_pct(max(tests))} "
                      f"| {100 * (mean - originals[model]):+.2f} | {vs_plain} | {speed_cell} |")
+    return "\n".join(lines)
+
+
+def reconstruct(path: Path = RESULTS / "recipe_reconstruct.json") -> str:
+    """Validation accuracy right after pruning, after batch-norm recalibration and after reconstruction, and
+    the seconds reconstruction and the whole run took (means over seeds)."""
+    rows = [r for r in json.loads(path.read_text()) if r.get("method") == "compress"]
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        cells[(r["model"], r["target"], r["variant"])].append(r)
+    lines = ["| model | target | method | seeds | val right after prune | after BN recalibration | after reconstruction "
+             "| after fine-tuning | reconstruction (s) | prune stage (s) | fine-tune stage (s) | whole run (s) | share of the run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def mean(group, key, fmt):
+        values = [r[key] for r in group if r.get(key) is not None]
+        return fmt(statistics.mean(values)) if values else "-"
+
+    for (model, target, variant), group in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
+        stages = [r.get("stages_seconds") or {} for r in group]
+        share = [r["reconstruct_seconds"] / r["seconds"] for r in group if r.get("reconstruct_seconds") is not None]
+        lines.append(f"| {model} | {target:g} | compress {variant} | {len(group)} | {mean(group, 'val_after_prune', _pct)} "
+                     f"| {mean(group, 'val_after_bn_recal', _pct)} | {mean(group, 'val_after_reconstruct', _pct)} "
+                     f"| {mean(group, 'val', _pct)} | {mean(group, 'reconstruct_seconds', lambda v: f'{v:.1f}')} "
+                     f"| {statistics.mean(s.get('prune', 0) for s in stages):.1f} "
+                     f"| {statistics.mean(s.get('fine-tune', 0) for s in stages):.1f} "
+                     f"| {mean(group, 'seconds', lambda v: f'{v:.1f}')} "
+                     f"| {f'{100 * statistics.mean(share):.1f}%' if share else '-'} |")
     return "\n".join(lines)
 
 
@@ -98,9 +128,12 @@ def cost(path: Path = RESULTS / "cost.json") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("table", choices=["recipe", "flops", "cost"])
+    p.add_argument("table", choices=["recipe", "flops", "cost", "reconstruct"])
+    p.add_argument("--results", type=Path, nargs="+", help="the raw rows to render [default: the table's own file; "
+                                                         "recipe takes several]")
     args = p.parse_args()
-    print({"recipe": recipe, "flops": flops, "cost": cost}[args.table]())
+    table = {"recipe": recipe, "flops": flops, "cost": cost, "reconstruct": reconstruct}[args.table]
+    print(table(*args.results) if args.results else table())
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def compress(
     distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation term; cross-entropy gets 1 - alpha.")] = 0.7,
     distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of the distillation term.")] = 4.0,
     bn_recalibration: Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics right after pruning.")] = True,
+    reconstruct: Annotated[bool, typer.Option(help="After each physical prune, re-fit every layer by least squares on "
+                                              "256 training images so it gives its pre-prune outputs.")] = True,
     max_prune_per_group: Annotated[float, typer.Option(help="At most this fraction of any group's channels is removed.")] = 0.75,
     attention: Annotated[str, typer.Option(help="How attention is pruned: dims (the same head dimensions in every "
                                            "head; head_dim shrinks) or heads (whole heads; num_heads shrinks, "
@@ -141,7 +143,8 @@ def compress(
             from_scratch=from_scratch, max_prune_per_group=max_prune_per_group, round_to=round_to,
             attention_pruning=attention, epochs=epochs, batch_size=batch_size,
             lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
-            distill_temperature=distill_temperature, bn_recalibration=bn_recalibration, val_fraction=val_fraction, seed=seed,
+            distill_temperature=distill_temperature, bn_recalibration=bn_recalibration,
+            reconstruct=reconstruct, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
             overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs,
             parity_tolerance=parity_tolerance, nproc_per_node=nproc_per_node,

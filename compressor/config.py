@@ -120,6 +120,8 @@ class CompressConfig:
     """Weight decay on weights (not on norms and biases)."""
     bn_recalibration: bool = True
     """Re-estimate batch-norm statistics on the fine-tuning data right after pruning."""
+    reconstruct: bool = True
+    """Re-fit the layers after each physical prune so they give their pre-prune outputs (``compressor.reconstruct``)."""
     distill: bool = True
     """Add distillation from the original model's logits to the fine-tuning loss."""
     distill_temperature: float = 4.0

@@ -321,4 +321,4 @@ def _result(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Re
         layer_profile=layers,
         preflight=dataclasses.replace(traced.preflight, min_reachable_ratio=resolved.floor.ratio,
                                       unsafe=dict(resolved.unsafe)),
-        resolved=resolved)
+        resolved=resolved, accuracy_pruned_reconstructed=final_prune.accuracy_reconstructed)

@@ -160,6 +160,8 @@ def accuracy_points(report: dict[str, Any]) -> list[tuple[str, float, float]]:
             points.append((f"pruned{step}", epoch, num(item.get("accuracy_after"))))
             if item.get("accuracy_recalibrated") is not None:
                 points.append((f"BN recalibrated{step}", epoch, num(item.get("accuracy_recalibrated"))))
+            if item.get("accuracy_reconstructed") is not None:
+                points.append((f"reconstructed{step}", epoch, num(item.get("accuracy_reconstructed"))))
         else:
             points.append((f"epoch {int(epoch) if epoch.is_integer() else epoch}", epoch, num(item.get("val_accuracy"))))
     if not events:
@@ -180,6 +182,7 @@ def draw_accuracy(report: dict[str, Any]) -> Drawn | None:
     xs, ys = [p[1] for p in points], [p[2] * 100 for p in points]
     ax.plot(xs, ys, color=AFTER, lw=1.2, zorder=1)
     styles = {"original": ("s", "#636363"), "pruned": ("v", BAD), "BN recalibrated": ("^", MARK),
+              "reconstructed": ("D", MARK),
               "epoch": ("o", AFTER), "final ONNX": ("*", "#31a354")}
     for label, x, y in zip([p[0] for p in points], xs, ys):
         kind = next(k for k in styles if label.startswith(k))

@@ -54,6 +54,8 @@ class CompressResult:
     """The warnings about speed (:func:`speed_warnings`, computed once); ``warnings`` holds the others."""
     resolved: Any = None
     """The values the run resolved from the request (:class:`compressor.resolve.Resolved`)."""
+    accuracy_pruned_reconstructed: float | None = None
+    """After the last physical prune's reconstruction (``--reconstruct``), else None."""
 
 
 def not_faster(validation: ValidationResult) -> list[Latency]:
@@ -128,6 +130,7 @@ def _raw_dict(r: CompressResult) -> dict[str, Any]:
         "params": {"original": p.original.params, "compressed": p.pruned.params},
         "accuracy": {"original": r.accuracy_original, "pruned_before_finetune": r.accuracy_pruned_before_finetune,
                      "pruned_bn_recalibrated": r.accuracy_pruned_recalibrated,
+                     "pruned_reconstructed": r.accuracy_pruned_reconstructed,
                      "compressed": r.accuracy_compressed, "compressed_onnx": r.validation.accuracy_compressed,
                      "original_onnx": r.validation.accuracy_original, "split": "validation",
                      "samples": r.data.val_size},
@@ -186,6 +189,10 @@ def _layer_profile(lp: LayerProfile | None) -> dict[str, Any] | None:
             "other_latency_share_original": lp.other_latency_share_original,
             "other_latency_share_compressed": lp.other_latency_share_compressed,
             "note": "latency shares from onnxruntime's profiler at the extended optimisation level"}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 def _opt(value: float | None) -> str:
@@ -259,6 +266,8 @@ def to_markdown(r: CompressResult) -> str:
               f"- right after the (last) physical prune: {r.accuracy_pruned_before_finetune:.2%}",
               *([f"- after batch-norm recalibration: {r.accuracy_pruned_recalibrated:.2%}"]
                 if r.accuracy_pruned_recalibrated is not None else []),
+              *([f"- after reconstruction: {r.accuracy_pruned_reconstructed:.2%}"]
+                if r.accuracy_pruned_reconstructed is not None else []),
               f"- after fine-tuning (PyTorch): {r.accuracy_compressed:.2%}",
               f"- after fine-tuning (ONNX, {r.validation.provider}): {r.validation.accuracy_compressed:.2%}",
               f"- validation images: {r.data.val_size} ({r.data.val_fraction:g} of {r.data.num_samples}, seed {r.data.seed})",
@@ -278,11 +287,14 @@ def to_markdown(r: CompressResult) -> str:
                   for h in r.prune.heads]
     if r.schedule:
         lines += ["", f"## Schedule `{r.schedule.name}`", "",
-                  "| step | epoch | FLOPs ratio | accuracy before | right after | after BN recalibration | why |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| step | epoch | FLOPs ratio | accuracy before | right after | after BN recalibration "
+                  "| after reconstruction | why |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {e.step} | {e.epoch:g} | {e.flops_ratio:.3f} | {e.accuracy_before:.2%} | {e.accuracy_after:.2%} | "
-                  f"{'-' if e.accuracy_recalibrated is None else f'{e.accuracy_recalibrated:.2%}'} | {e.reason} |"
+                  f"{_pct(e.accuracy_recalibrated)} | {_pct(e.accuracy_reconstructed)} | {e.reason} |"
                   for e in r.schedule.events]
+        lines += ["", "After fine-tuning (validation): " + _pct(r.accuracy_compressed) + "."]
+        lines += [f"- reconstruction at step {e.step}: {e.reconstruction.summary()}" for e in r.schedule.events
+                  if e.reconstruction is not None]
         lines += ["", "Details: `" + json.dumps(r.schedule.details) + "`"]
     if r.preflight:
         i = r.preflight

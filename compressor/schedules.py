@@ -34,6 +34,7 @@ from .errors import ConfigError, GraphError
 from .finetune import Cycle, FinetuneResult, FinetuneSettings, accuracy, recalibrate_bn
 from .graph import ROOT_TYPES, CouplingGraph, module_width, trace
 from .progress import Progress
+from .reconstruct import Reconstruction, after_prune
 from .registry import PluginInfo, Registry
 
 ENTRY_POINT_GROUP = "compressor.schedules"
@@ -108,6 +109,9 @@ class PruneEvent:
     accuracy_after: float
     accuracy_recalibrated: float | None
     reason: str
+    accuracy_reconstructed: float | None = None
+    """After :mod:`compressor.reconstruct` re-fitted the layers (``--reconstruct``), else None."""
+    reconstruction: Reconstruction | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ class Run:
             raise ValueError("graph must be the coupling graph of original")
         self._graph: CouplingGraph | None = pruning.copy_graph(graph)
         """The current model's coupling graph: a copy of the original's, pruned along with the model."""
-        self._planned: tuple[nn.Module, CouplingGraph] | None = None
+        self._planned: tuple[nn.Module, CouplingGraph, pruning.PruningPlan] | None = None
         model = self._graph.model
         if config.from_scratch:
             reinitialise(model)
@@ -250,14 +254,14 @@ class Run:
         if not quiet:
             self.progress.done()
         self._results.append(result)
-        self._planned = (pruned_graph.model, pruned_graph)
+        self._planned = (pruned_graph.model, pruned_graph, result.plan)
         self.model.train(training)
         return pruned_graph.model, result
 
     def pruned(self, plan: pruning.PruningPlan) -> nn.Module:
         """A copy of the current model pruned by ``plan`` (of :meth:`graph`'s groups), for :meth:`prune`."""
         twin = pruning.pruned_graph(self.graph(), plan)
-        self._planned = (twin.model, twin)
+        self._planned = (twin.model, twin, plan)
         return twin.model
 
     def prune(self, pruned: nn.Module, *, reason: str) -> PruneEvent:
@@ -276,16 +280,23 @@ class Run:
         recalibrated = None
         if self.config.bn_recalibration and recalibrate_bn(pruned, self.data, batch_size=self.config.batch_size):
             recalibrated = accuracy(pruned, self.data, device=self.device)
+        reconstruction = reconstructed = None
+        if self.config.reconstruct:
+            plan = self._planned[2] if self._planned is not None and self._planned[0] is pruned else None
+            reconstruction = after_prune(self.graph(), plan, pruned, self.data, config=self.config)
+            reconstructed = accuracy(pruned, self.data, device=self.device)
         self._graph = self._graph_of(pruned)
         self._costs = None
         self.cycle.replace_model(pruned)  # the state a non-finite loss falls back to: recalibrated
         event = PruneEvent(step=self.step, epoch=round(self.cycle.epoch_progress, 3), flops_ratio=self.flops_ratio(),
                            accuracy_before=before, accuracy_after=after, accuracy_recalibrated=recalibrated,
-                           reason=reason)
+                           reason=reason, accuracy_reconstructed=reconstructed, reconstruction=reconstruction)
         self.events.append(event)
         self.progress.note(f"pruned at step {event.step} to {event.flops_ratio:.3f} of the FLOPs ({reason}): "
                            f"accuracy {before:.2%} -> {after:.2%}"
-                           + (f", {recalibrated:.2%} after batch-norm recalibration" if recalibrated is not None else ""))
+                           + (f", {recalibrated:.2%} after batch-norm recalibration" if recalibrated is not None else "")
+                           + (f", {reconstructed:.2%} after reconstruction ({reconstruction.summary()})"
+                              if reconstruction is not None else ""))
         return event
 
     def _graph_of(self, pruned: nn.Module) -> CouplingGraph:

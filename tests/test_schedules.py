@@ -38,6 +38,14 @@ def test_every_schedule_runs_end_to_end_to_the_target(name, make_config):
     assert report["schedule"]["name"] == name
     assert report["schedule"]["events"][-1]["flops_ratio"] == pytest.approx(result.prune.achieved_ratio)
     assert f"schedule `{name}`" in (result.out_dir / "report.md").read_text()
+    # Reconstruction (on by default) ran after every physical prune and is in both reports. (It need not
+    # change a layer: cyclical's last mask already zeroed what the prune removes.)
+    assert all(e.reconstruction is not None and e.reconstruction.layers for e in result.schedule.events)
+    assert [e["accuracy_reconstructed"] for e in report["schedule"]["events"]] == [
+        e.accuracy_reconstructed for e in result.schedule.events]
+    assert report["accuracy"]["pruned_reconstructed"] == result.schedule.events[-1].accuracy_reconstructed
+    assert report["accuracy"]["pruned_reconstructed"] is not None
+    assert "after reconstruction" in (result.out_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
