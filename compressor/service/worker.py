@@ -91,14 +91,13 @@ def run_job(data_dir: Path, job_id: str, settings: dict[str, Any]) -> None:
     follower = Follower(job_dir / "events.jsonl")
     deadline = time.monotonic() + float(settings.get("job_timeout") or 3600.0)
     stop: tuple[str, float] | None = None  # why the job was asked to stop, and when
-    written = dirty = 0.0
+    written, dirty = 0.0, False
     try:
         while proc.poll() is None:
-            if follower.poll():
-                dirty = 1.0
+            dirty = follower.poll() or dirty
             if dirty and time.monotonic() - written >= PROGRESS_EVERY:
                 store.set_progress(job_id, follower.stage, follower.progress)
-                written, dirty = time.monotonic(), 0.0
+                written, dirty = time.monotonic(), False
             if stop is None:
                 job = store.get_job(job_id)
                 why = "cancel" if job is None or job.cancel else "timeout" if time.monotonic() > deadline else None
