@@ -9,7 +9,9 @@ Each job is the whole pipeline (load, trace, prune, fine-tune with 0 epochs, exp
 tiny ResNet-20 (4 classes, 16x16 grey, the tests' size) and 60 images, with 3 timed latency runs: the
 smallest honest job. ``sqlite`` runs ``compressor serve --workers W`` (the embedded worker, W job slots);
 ``redis`` starts ``redis-server`` on a free loopback port, ``serve --workers 0 --broker ...`` and W
-``compressor worker`` processes of one slot each. Writes one JSON object to ``--out`` (and stdout).
+``compressor worker`` processes of one slot each. Before the jobs, the clients poll for ``--baseline-s``
+a job canceled while queued (so nothing of ours runs): the API's latency on the machine as it is. Writes
+one JSON object to ``--out`` (and stdout).
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2, help="job slots (sqlite) or worker processes (redis)")
     ap.add_argument("--poll", type=float, default=0.5, help="seconds between a client's GETs of its job")
+    ap.add_argument("--baseline-s", type=float, default=30.0,
+                    help="seconds the clients poll before any job runs: the API's latency on the machine as it is")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops what it started
@@ -151,6 +155,27 @@ def main() -> None:
                 ids[path.suffix] = httpx.post(url + "/v1/files", files={"file": (path.name, fh)}, timeout=60).json()["id"]
         counter, lock = itertools.count(), threading.Lock()
         gets: list[tuple[float, float, str]] = []  # (when, ms, status seen)
+        baseline: list[float] = []
+        if args.baseline_s > 0:
+            # A job canceled while queued never runs: polling it measures the API with no job of ours running.
+            with httpx.Client(base_url=url, timeout=60) as c:
+                idle = c.post("/v1/jobs", json={"model": ids[".pt"], "data": ids[".npz"], "options": OPTIONS}).json()
+                c.post(f"/v1/jobs/{idle['id']}/cancel")
+            until = time.time() + args.baseline_s
+
+            def idle_client(_: int) -> None:
+                with httpx.Client(base_url=url, timeout=60) as c:
+                    while time.time() < until:
+                        s = time.perf_counter()
+                        c.get(f"/v1/jobs/{idle['id']}").raise_for_status()
+                        ms = (time.perf_counter() - s) * 1000
+                        with lock:
+                            baseline.append(ms)
+                        time.sleep(args.poll)
+
+            with cf.ThreadPoolExecutor(args.clients) as ex:
+                list(ex.map(idle_client, range(args.clients)))
+            httpx.delete(f"{url}/v1/jobs/{idle['id']}", timeout=60)
         t0 = time.time()
 
         def client(_: int) -> list[tuple[str, str]]:
@@ -209,6 +234,8 @@ def main() -> None:
             "wall_s": round(wall, 1), "jobs_per_min": round(args.jobs / wall * 60, 2),
             "job_run_s_p50": percentile(job_s, 50), "job_run_s_max": round(max(job_s), 1),
             "queue_wait_s_p50": percentile(queue_s, 50), "queue_wait_s_max": round(max(queue_s), 1),
+            "baseline_gets": len(baseline), "baseline_get_ms_p50": percentile(baseline, 50),
+            "baseline_get_ms_p99": percentile(baseline, 99),
             "gets": len(gets), "get_ms_p50": percentile([ms for _, ms, _ in gets], 50),
             "get_ms_p99": percentile([ms for _, ms, _ in gets], 99),
             "get_ms_max": round(max(ms for _, ms, _ in gets), 1),
