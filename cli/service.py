@@ -41,6 +41,8 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (non-loop
           max_upload_mb: Annotated[int, typer.Option(help="Largest upload, MiB.")] = 512,
           max_unpacked_mb: Annotated[int, typer.Option(help="Most bytes a data .zip may unpack to, MiB.")] = 2048,
           allow_arch: Annotated[Optional[list[str]], typer.Option(help="package.module:factory archs jobs may use.")] = None,
+          max_nproc_per_node: Annotated[int, typer.Option(help="Most nproc_per_node a job may ask for (data-parallel "
+                                                          "fine-tuning processes on the worker's host).")] = 8,
           ) -> None:
     """Run the HTTP API (and, by default, one embedded worker)."""
     def go() -> None:
@@ -63,7 +65,7 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (non-loop
         try:
             app = create_app(ServiceConfig(data_dir=data_dir, broker=broker, max_upload_bytes=max_upload_mb * 2**20,
                                            max_zip_bytes=max_unpacked_mb * 2**20,
-                                           allow_arch=tuple(allow_arch or ())))
+                                           allow_arch=tuple(allow_arch or ()), max_nproc_per_node=max_nproc_per_node))
             uvicorn.run(app, host=host, port=port, log_level="warning")
         finally:
             if child is not None:
@@ -85,13 +87,19 @@ def worker(data_dir: Annotated[Path, typer.Option(help="The service's data dir (
     def go() -> None:
         from compressor.service.queue import make_huey
         from compressor.service.store import Store
-        from compressor.service.worker import recover
+        from compressor.service.worker import recover, start_heartbeat
 
         huey = make_huey(data_dir, broker)
-        huey.compressor_settings.update(job_timeout=job_timeout, max_attempts=max_attempts)
-        for job_id in recover(Store(data_dir), huey, max_attempts):
+        huey.compressor_settings.update(job_timeout=job_timeout, max_attempts=max_attempts,
+                                        threads=max(1, (os.cpu_count() or 1) // max(1, workers)))
+        store = Store(data_dir)
+        for job_id in recover(store, huey, max_attempts):
             err.print(f"recovered interrupted job {job_id}")
-        huey.create_consumer(workers=workers, worker_type="thread", periodic=False, check_worker_health=True).run()
+        stop_heartbeat = start_heartbeat(store, workers)
+        try:
+            huey.create_consumer(workers=workers, worker_type="thread", periodic=False, check_worker_health=True).run()
+        finally:
+            stop_heartbeat()
     run_guarded(go)
 
 
@@ -131,16 +139,16 @@ def submit(model: Annotated[Path, typer.Argument(help="State dict to compress.")
                       TimeElapsedColumn(), console=err, transient=True) as bar:
             current = bar.add_task("queued", total=None)
 
-            def on_event(ev: dict) -> None:
-                nonlocal current
-                if ev["kind"] == "stage":
-                    bar.update(current, description=ev["name"])
-                elif ev["kind"] == "task":
+            def on_event(ev: dict) -> None:  # the library's typed events (compressor.events), as JSON
+                kind = ev.get("type")
+                if kind == "stage_started":
+                    bar.update(current, description=ev["name"], total=None, completed=0)
+                elif kind == "task_started":
                     bar.update(current, description=ev["description"], total=ev["total"], completed=0)
-                elif ev["kind"] == "advance":
-                    bar.advance(current, ev.get("n", 1))
-                elif ev["kind"] == "note":
-                    err.print(ev["message"], highlight=False, markup=False)
+                elif kind == "task_progress":
+                    bar.update(current, completed=ev["done"])
+                elif kind in ("note", "warning"):
+                    err.print(("warning: " if kind == "warning" else "") + ev["message"], highlight=False, markup=False)
             job = client.wait(job["id"], on_event)
         if job["status"] != "succeeded":
             from compressor.errors import CompressorError
@@ -149,18 +157,20 @@ def submit(model: Annotated[Path, typer.Argument(help="State dict to compress.")
         if out_dir is not None:
             for p in client.download(job["id"], out_dir):
                 err.print(f"wrote {p}")
-        out.print(json.dumps(job["result"]), highlight=False, markup=False, soft_wrap=True)
+        out.print(json.dumps(job["summary"]), highlight=False, markup=False, soft_wrap=True)
     run_guarded(go)
 
 
 def jobs(url: Annotated[str, typer.Option(envvar="COMPRESSOR_URL")] = URL,
-         token: Annotated[Optional[str], typer.Option(envvar="COMPRESSOR_TOKEN")] = None) -> None:
-    """List your jobs."""
+         token: Annotated[Optional[str], typer.Option(envvar="COMPRESSOR_TOKEN")] = None,
+         limit: Annotated[int, typer.Option(help="Newest jobs to list.")] = 50) -> None:
+    """List your jobs, newest first."""
     def go() -> None:
         from compressor.service.client import Client
 
-        for j in Client(url, token).jobs():
-            out.print(f"{j['id']}  {j['status']:<9}  {j.get('error') or ''}", highlight=False, markup=False)
+        for j in Client(url, token).jobs(limit=limit):
+            out.print(f"{j['id']}  {j['status']:<9}  {j.get('stage') or '':<9}  {j.get('error') or ''}".rstrip(),
+                      highlight=False, markup=False)
     run_guarded(go)
 
 

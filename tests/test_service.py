@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -74,6 +75,40 @@ def server(tmp_path):
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny ResNet-20 (4 classes, 16x16 grey) and 60 images: a job runs in seconds, not minutes."""
+    import torch
+
+    from _tiny import make_images, save_npz, tiny_resnet20
+
+    root = tmp_path_factory.mktemp("tiny")
+    torch.save(tiny_resnet20().state_dict(), root / "tiny.pt")
+    return root / "tiny.pt", save_npz(root / "tiny.npz", *make_images())
+
+
+TINY_OPTS = {"arch": "resnet20", "target_flops": 0.5, "epochs": 0, "latency_runs": 3, "device": "cpu"}
+
+
+def _upload_pair(url: str, model: Path, data: Path, headers=None) -> tuple[str, str]:
+    ids = []
+    for path in (model, data):
+        r = _upload(url, path, headers)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    return ids[0], ids[1]
+
+
+def _wait_for(url: str, job_id: str, ok, timeout: float, headers=None) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers or {}, timeout=10).json()
+        if ok(job):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not get there in {timeout} s: {job}")
+
+
 def _upload(url: str, path: Path, headers=None, name: str | None = None) -> httpx.Response:
     with open(path, "rb") as fh:
         return httpx.post(url + "/v1/files", files={"file": (name or path.name, fh)}, headers=headers or {}, timeout=60)
@@ -111,9 +146,18 @@ def test_demo_job_end_to_end(server, small_data):
     job = _wait(url, r.json()["id"])
     assert job["status"] == "succeeded", job
     assert job["result"]["accuracy_compressed"] > 0.3
+    summary = job["summary"]  # the headline of report.json
+    report = json.loads(httpx.get(f"{url}/v1/jobs/{job['id']}/artifacts/report.json").content)
+    assert summary == {"flops_ratio": report["flops"]["achieved_ratio"],
+                       "accuracy_original": report["accuracy"]["original"],
+                       "accuracy_compressed": report["accuracy"]["compressed"],
+                       "speedup_batch1": report["latency_ms"]["batch1"]["speedup"],
+                       "speedup_batch64": report["latency_ms"]["batch64"]["speedup"]}
+    assert 0.49 <= summary["flops_ratio"] <= 0.5 and summary["speedup_batch64"] > 0
+    assert job["stage"] == "validate"
     events = httpx.get(f"{url}/v1/jobs/{job['id']}/events", params={"after": 0}).json()
-    kinds = [e["kind"] for e in events]
-    assert "stage" in kinds and kinds[-1] == "finished"
+    _assert_typed_events(events)
+    assert [e["name"] for e in events if e["type"] == "stage_started"] == STAGES
     later = httpx.get(f"{url}/v1/jobs/{job['id']}/events", params={"after": events[-3]["n"]}).json()
     assert [e["n"] for e in later] == [e["n"] for e in events[-2:]]
     with httpx.stream("GET", f"{url}/v1/jobs/{job['id']}/events", headers={"Accept": "text/event-stream"}) as s:
@@ -128,6 +172,26 @@ def test_demo_job_end_to_end(server, small_data):
     assert httpx.get(f"{url}/v1/jobs/{job['id']}/artifacts/..%2Fjob.json").status_code == 404
     assert httpx.delete(f"{url}/v1/jobs/{job['id']}").status_code == 204
     assert httpx.get(f"{url}/v1/jobs/{job['id']}").status_code == 404
+
+
+STAGES = ["load", "trace", "prune", "fine-tune", "export", "validate"]
+
+
+def _assert_typed_events(events: list[dict]) -> None:
+    """Each event is one of the library's typed events in its ``to_dict`` form (what ``--json-events``
+    writes), numbered from 1 by the API."""
+    import dataclasses
+
+    from compressor import events as ev_mod
+
+    kinds = {c.type: c for c in vars(ev_mod).values()
+             if isinstance(c, type) and issubclass(c, ev_mod.Event) and c is not ev_mod.Event}
+    assert [e["n"] for e in events] == list(range(1, len(events) + 1))
+    for e in events:
+        body = {k: v for k, v in e.items() if k != "n"}
+        cls = kinds[body["type"]]
+        assert set(body) == {"type"} | {f.name for f in dataclasses.fields(cls)}, body
+        assert cls(**{k: v for k, v in body.items() if k != "type"}).to_dict() == body
 
 
 def test_bad_options_are_all_named_and_nothing_queued(server, small_data):
@@ -185,17 +249,26 @@ def test_serve_refuses_public_host_without_tokens(tmp_path):
     assert r.returncode == 2 and "refusing to listen on 0.0.0.0 without tokens" in r.stderr
 
 
-def test_cancel_running_job_kills_it(server, small_data):
-    m, d = _files(server.url, small_data)
-    job = _submit(server.url, m, d, dict(OPTS, epochs=50)).json()
-    _wait(server.url, job["id"], until=("running",), timeout=60)
-    time.sleep(2)
+def test_cancel_running_job_stops_at_the_token(server, tiny_files):
+    """Progress shows while the job trains; a cancel stops it cooperatively within seconds, nothing kept."""
+    m, d = _upload_pair(server.url, *tiny_files)
+    job = _submit(server.url, m, d, dict(TINY_OPTS, epochs=500)).json()
+    running = _wait_for(server.url, job["id"], lambda j: j["stage"] == "fine-tune" and (j["progress"] or {})
+                        .get("done", 0) > 0 or j["status"] in ("succeeded", "failed", "canceled"), timeout=120)
+    assert running["status"] == "running", running
+    progress = running["progress"]
+    assert progress["task"].startswith("fine-tune") and progress["total"] > progress["done"] > 0, progress
+    assert progress["eta_s"] is not None and progress["eta_s"] > 0
     t0 = time.time()
     r = httpx.post(f"{server.url}/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 200
-    done = _wait(server.url, job["id"], timeout=15)
-    assert done["status"] == "canceled" and time.time() - t0 < 10
+    done = _wait(server.url, job["id"], timeout=30)
+    assert done["status"] == "canceled" and time.time() - t0 < 8, (done, time.time() - t0)
+    log = (server.data_dir / "jobs" / job["id"] / "worker.log").read_text()
+    # it stopped at the cancel token (exit code 3), not by the SIGKILL fallback (-9)
+    assert "stopped at the cancel token" in log and "ended with code 3" in log, log[-2000:]
     assert not (server.data_dir / "jobs" / job["id"] / "out").exists()
+    assert not (server.data_dir / "jobs" / job["id"] / "result.json").exists()
     assert httpx.get(f"{server.url}/v1/jobs/{job['id']}/artifacts").json() == []
 
 
@@ -348,3 +421,108 @@ def test_job_past_timeout_is_stopped(tmp_path, small_data):
         assert not (s.data_dir / "jobs" / job["id"] / "out").exists()
     finally:
         s.stop()
+
+
+def _app(data_dir: Path, **kw):
+    from fastapi.testclient import TestClient
+
+    from compressor.service.app import ServiceConfig, create_app
+
+    return TestClient(create_app(ServiceConfig(data_dir=data_dir, **kw)))
+
+
+def _queue_jobs(client, tiny_files, n: int, options=None) -> list[str]:
+    ids = []
+    for path in tiny_files:
+        with open(path, "rb") as fh:
+            ids.append(client.post("/v1/files", files={"file": (path.name, fh)}).json()["id"])
+    jobs = []
+    for _ in range(n):
+        r = client.post("/v1/jobs", json={"model": ids[0], "data": ids[1], "options": options or TINY_OPTS})
+        assert r.status_code == 201, r.text
+        jobs.append(r.json()["id"])
+    return jobs
+
+
+def test_jobs_are_listed_newest_first_in_cursor_pages(tmp_path, tiny_files):
+    client = _app(tmp_path / "svc")  # no worker: the jobs stay queued
+    ids = _queue_jobs(client, tiny_files, 5)
+    seen, url, pages = [], "/v1/jobs?limit=2", 0
+    while url:
+        r = client.get(url)
+        assert r.status_code == 200
+        seen += [j["id"] for j in r.json()]
+        pages += 1
+        link = r.headers.get("link")
+        assert (link is None) == ("x-next-cursor" not in r.headers)
+        url = link[1:link.index(">")] if link else None
+        if pages == 1:
+            ids.append(_queue_jobs(client, tiny_files, 1)[0])  # a job added meanwhile shifts no page
+    assert pages == 3 and seen == ids[:5][::-1]
+    assert [j["id"] for j in client.get("/v1/jobs").json()] == ids[::-1]
+    job = client.get(f"/v1/jobs/{ids[0]}").json()
+    assert job["stage"] is None and job["progress"] is None and job["summary"] is None
+    r = client.get("/v1/jobs", params={"cursor": "not-one"})
+    assert r.status_code == 422 and "cursor" in r.json()["fields"]
+    assert client.get("/v1/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_healthz_counts_the_queue_and_the_workers_heartbeats(tmp_path, tiny_files):
+    data_dir = tmp_path / "svc"
+    client = _app(data_dir)
+    health = client.get("/healthz").json()
+    assert (health["queue_depth"], health["running"], health["workers_alive"]) == (0, 0, 0)
+    ids = _queue_jobs(client, tiny_files, 2)
+    assert client.get("/healthz").json()["queue_depth"] == 2
+    for job_id in ids:  # canceled while queued: the worker below gets their deliveries and runs nothing
+        client.post(f"/v1/jobs/{job_id}/cancel")
+    assert client.get("/healthz").json()["queue_depth"] == 0
+    w = _cli("worker", "--data-dir", str(data_dir), "--workers", "2")
+    try:
+        deadline = time.time() + 60
+        while (health := client.get("/healthz").json())["workers_alive"] == 0 and time.time() < deadline:
+            time.sleep(0.3)
+        assert health["workers_alive"] == 1, health
+        assert health["workers"][0]["pid"] == w.pid and health["workers"][0]["slots"] == 2
+        assert health["workers"][0]["host"] == socket.gethostname()
+        os.killpg(w.pid, signal.SIGTERM)  # a clean stop removes its row at once
+        w.wait(30)
+        assert client.get("/healthz").json()["workers_alive"] == 0
+    finally:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGKILL)
+            w.wait()
+    # a worker killed without a word (or on a host that went away) stops counting after three missed beats
+    from compressor.service.store import ALIVE_S, Store
+
+    store = Store(data_dir)
+    store.heartbeat("gone", "elsewhere", 1, 1, time.time())
+    assert client.get("/healthz").json()["workers_alive"] == 1
+    store._exec("UPDATE workers SET seen=? WHERE id='gone'", (time.time() - ALIVE_S - 1,))
+    assert client.get("/healthz").json()["workers_alive"] == 0
+
+
+def test_nproc_per_node_passes_through_and_is_checked(tmp_path, tiny_files):
+    from compressor.config import CompressConfig
+    from compressor.service.worker import build_kwargs
+
+    data_dir = tmp_path / "svc"
+    client = _app(data_dir, max_nproc_per_node=4)
+    job_id = _queue_jobs(client, tiny_files, 1, dict(TINY_OPTS, nproc_per_node=2))[0]
+    assert client.get(f"/v1/jobs/{job_id}").json()["options"]["nproc_per_node"] == 2
+    spec = json.loads((data_dir / "jobs" / job_id / "job.json").read_text())
+    assert CompressConfig(**build_kwargs(spec)).nproc_per_node == 2  # what the job's process will run
+    files = [f["id"] for f in client.get("/v1/files").json()]
+
+    def bad(**options) -> dict:
+        r = client.post("/v1/jobs", json={"model": files[0], "data": files[1], "options": dict(TINY_OPTS, **options)})
+        assert r.status_code == 422, r.text
+        return r.json()["fields"]
+
+    assert bad(nproc_per_node=0) == {"nproc_per_node": "--nproc-per-node must be at least 1, got 0"}
+    assert "more than this service allows (--max-nproc-per-node 4)" in bad(nproc_per_node=5)["nproc_per_node"]
+    assert "oneshot" in bad(nproc_per_node=2, schedule="gradual")["nproc_per_node"]
+    assert "must be at least --nproc-per-node 2" in bad(nproc_per_node=2, batch_size=1)["options"]
+    assert "has the wrong type" in bad(nproc_per_node="two")["nproc_per_node"]
+    assert "names a module to import" in bad(criterion="os:system")["criterion"]
+    assert [j["id"] for j in client.get("/v1/jobs").json()] == [job_id]  # nothing else was queued

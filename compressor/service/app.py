@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import Body, Depends, FastAPI, File, Header, Request, UploadFile
+from fastapi import Body, Depends, FastAPI, File, Header, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from compressor.errors import CompressorError
@@ -20,6 +22,7 @@ from . import uploads
 from .auth import owner_of
 from .errors import BadOptions, Conflict, NotFound
 from .events import read_events
+from .models import Health, JobView
 from .store import TERMINAL, Store
 
 # Options a job may not set: the service owns paths and never unpickles.
@@ -38,9 +41,11 @@ class ServiceConfig:
     max_zip_bytes: int = 2 * 2**30
     min_free_bytes: int = 256 * 2**20
     allow_arch: tuple[str, ...] = ()
+    max_nproc_per_node: int = 8
+    """Most ``nproc_per_node`` a job may ask for (each is a process, and on CUDA a GPU, of the worker's host)."""
 
 
-def check_options(options: Any, allow_arch: tuple[str, ...]) -> dict[str, Any]:
+def check_options(options: Any, allow_arch: tuple[str, ...], *, max_nproc: int = 8) -> dict[str, Any]:
     """Validate a job's options by building CompressConfig, one field at a time so that every bad one is named."""
     from compressor.config import CompressConfig
 
@@ -57,6 +62,10 @@ def check_options(options: Any, allow_arch: tuple[str, ...]) -> dict[str, Any]:
         elif isinstance(value, dict) != (key in _MAPPINGS):
             errors[key] = ("must be a JSON object of the plug-in's options" if key in _MAPPINGS
                            else "must be a number, string, boolean, list or null")
+        elif key in ("criterion", "schedule") and isinstance(value, str) and ":" in value:
+            # package.module:Class would make the worker import a module the request names
+            what = "criteria" if key == "criterion" else "schedules"
+            errors[key] = f"{value!r} names a module to import; the service runs registered {what} only"
         else:
             try:
                 kw = dict(base, **{key: tuple(value) if isinstance(value, list) else value})
@@ -84,15 +93,47 @@ def check_options(options: Any, allow_arch: tuple[str, ...]) -> dict[str, Any]:
         errors["arch"] = "must be a string"
     if not errors:
         try:
-            CompressConfig(**dict({"model_path": Path("m.pt"), "data_path": Path("d.npz")},
-                                  **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
+            config = CompressConfig(**dict({"model_path": Path("m.pt"), "data_path": Path("d.npz")},
+                                           **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}))
         except CompressorError as exc:
             errors["options"] = exc.message
         except (TypeError, ValueError) as exc:
             errors["options"] = str(exc)
+        else:
+            _check_parallel(config, max_nproc, errors)
     if errors:
         raise BadOptions(errors)
     return options
+
+
+def _check_parallel(config: Any, max_nproc: int, errors: dict[str, str]) -> None:
+    """``nproc_per_node``: within the operator's limit, and with a schedule data-parallel training can run
+    (checked as the run would, before queueing; the GPU count is the worker host's, checked there)."""
+    n = config.nproc_per_node
+    if n > max_nproc:
+        errors["nproc_per_node"] = f"--nproc-per-node {n} is more than this service allows (--max-nproc-per-node {max_nproc})"
+    elif n > 1:
+        import torch
+
+        from compressor import distributed
+        from compressor.schedules import get_schedule
+
+        try:
+            distributed.check(config, get_schedule(config.schedule, config), torch.device("cpu"))
+        except CompressorError as exc:
+            errors["nproc_per_node"] = exc.message
+
+
+def _cursor(key: tuple[float, str]) -> str:
+    return base64.urlsafe_b64encode(f"{key[0]!r}/{key[1]}".encode()).decode().rstrip("=")
+
+
+def _uncursor(cursor: str) -> tuple[float, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("/", 1)
+        return float(created), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise BadOptions({"cursor": "is not a cursor this service gave (take it from the Link header)"}) from None
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
@@ -120,9 +161,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise NotFound(f"no job {job_id}")
         return job
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     def healthz() -> dict:
-        return {"ok": True, "free_bytes": shutil.disk_usage(config.data_dir).free}
+        counts, now = store.count_jobs(), time.time()
+        workers = [{"host": w["host"], "pid": w["pid"], "slots": w["slots"], "started": w["started"],
+                    "seen_s": round(now - w["seen"], 1)} for w in store.alive_workers()]
+        return {"ok": True, "free_bytes": shutil.disk_usage(config.data_dir).free,
+                "queue_depth": counts.get("queued", 0), "running": counts.get("running", 0),
+                "workers_alive": len(workers), "workers": workers}
 
     @app.post("/v1/files", status_code=201)
     def upload(file: UploadFile = File(...), who: str = Depends(owner)) -> dict:
@@ -155,10 +201,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def files(who: str = Depends(owner)) -> list[dict]:
         return [{k: r[k] for k in ("id", "name", "kind", "size", "sha256", "created")} for r in store.list_files(who)]
 
-    @app.post("/v1/jobs", status_code=201)
+    @app.post("/v1/jobs", status_code=201, response_model=JobView)
     def submit(body: dict = Body(...), who: str = Depends(owner)) -> dict:
         model, data = body.get("model"), body.get("data")
-        options = check_options(body.get("options", {}), config.allow_arch)
+        options = check_options(body.get("options", {}), config.allow_arch, max_nproc=config.max_nproc_per_node)
         mrow = store.get_file(who, model) if isinstance(model, str) else None
         drow = store.get_file(who, data) if isinstance(data, str) else None
         if mrow is None or mrow["kind"] != "model":
@@ -174,15 +220,24 @@ def create_app(config: ServiceConfig) -> FastAPI:
         huey.run_job(job.id)
         return job.public()
 
-    @app.get("/v1/jobs")
-    def jobs(status: Optional[str] = None, who: str = Depends(owner)) -> list[dict]:
-        return [j.public() for j in store.list_jobs(who, status)]
+    @app.get("/v1/jobs", response_model=list[JobView])
+    def jobs(request: Request, response: Response, status: Optional[str] = None,
+             limit: int = Query(50, ge=1, le=500), cursor: Optional[str] = None,
+             who: str = Depends(owner)) -> list[dict]:
+        """Newest first, ``limit`` a page; the next page's URL is in the ``Link`` header (``rel="next"``),
+        its cursor also in ``X-Next-Cursor``; the last page has neither."""
+        page, after = store.page_jobs(who, status=status, limit=limit, after=_uncursor(cursor) if cursor else None)
+        if after is not None:
+            nxt = request.url.include_query_params(cursor=_cursor(after), limit=limit)
+            response.headers["Link"] = f'<{nxt.path}?{nxt.query}>; rel="next"'
+            response.headers["X-Next-Cursor"] = _cursor(after)
+        return [j.public() for j in page]
 
-    @app.get("/v1/jobs/{job_id}")
+    @app.get("/v1/jobs/{job_id}", response_model=JobView)
     def job(job_id: str, who: str = Depends(owner)) -> dict:
         return job_of(job_id, who).public()
 
-    @app.post("/v1/jobs/{job_id}/cancel")
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
     def cancel(job_id: str, who: str = Depends(owner)) -> dict:
         j = job_of(job_id, who)
         if j.status in TERMINAL:

@@ -20,7 +20,7 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
-    def _call(self, method: str, path: str, **kw: Any) -> Any:
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             r = self.http.request(method, path, **kw)
         except httpx.HTTPError as exc:
@@ -28,9 +28,13 @@ class Client:
         if r.status_code >= 400:
             try:
                 body = r.json()
-                raise ServiceCallError(body.get("error", r.text), hint=body.get("hint"))
             except ValueError:
                 raise ServiceCallError(f"the service answered {r.status_code}: {r.text[:200]}") from None
+            raise ServiceCallError(body.get("error", r.text), hint=body.get("hint"))
+        return r
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        r = self._request(method, path, **kw)
         return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
 
     def upload(self, path: Path) -> dict:
@@ -43,8 +47,17 @@ class Client:
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/v1/jobs/{job_id}")
 
-    def jobs(self) -> list[dict]:
-        return self._call("GET", "/v1/jobs")
+    def jobs(self, limit: int = 50) -> list[dict]:
+        """The newest ``limit`` jobs, following the pages' cursors."""
+        got: list[dict] = []
+        params: dict[str, Any] = {"limit": min(limit, 500)}
+        while len(got) < limit:
+            r = self._request("GET", "/v1/jobs", params=params)
+            got += r.json()
+            if "X-Next-Cursor" not in r.headers:
+                break
+            params["cursor"] = r.headers["X-Next-Cursor"]
+        return got[:limit]
 
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")

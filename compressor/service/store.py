@@ -19,7 +19,16 @@ CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, owner TEXT, status TEXT, o
     data_file TEXT, created REAL, started REAL, finished REAL, error TEXT, attempts INTEGER DEFAULT 0,
     pid INTEGER, cancel INTEGER DEFAULT 0, result TEXT);
 CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, owner TEXT, name TEXT, created REAL, revoked INTEGER DEFAULT 0);
+CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, host TEXT, pid INTEGER, slots INTEGER, started REAL, seen REAL);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created, id);
 """
+# Columns added after the first release: a data dir made by it gains them on open.
+_ADDED = {"stage": "TEXT", "progress": "TEXT", "summary": "TEXT", "hint": "TEXT"}
+
+HEARTBEAT_S = 5.0
+"""How often a worker process writes its row in ``workers``."""
+ALIVE_S = 3 * HEARTBEAT_S
+"""A worker whose row is older than this counts as dead (missed three heartbeats)."""
 
 
 @dataclass(frozen=True)
@@ -38,11 +47,20 @@ class Job:
     pid: int | None
     cancel: bool
     result: dict[str, Any] | None
+    stage: str | None = None
+    """The stage the run is in (or ended in), from its latest ``stage_started`` event."""
+    progress: dict[str, Any] | None = None
+    """The current task's ``{task, done, total, eta_s}`` from its latest events; None between tasks."""
+    summary: dict[str, Any] | None = None
+    """On success, the headline figures of report.json (:class:`compressor.service.models.Summary`)."""
+    hint: str | None = None
+    """What to do about ``error``."""
 
     def public(self) -> dict[str, Any]:
-        return {"id": self.id, "status": self.status, "options": self.options, "model": self.model_file,
-                "data": self.data_file, "created": self.created, "started": self.started,
-                "finished": self.finished, "error": self.error, "attempts": self.attempts, "result": self.result}
+        return {"id": self.id, "status": self.status, "stage": self.stage, "progress": self.progress,
+                "options": self.options, "model": self.model_file, "data": self.data_file, "created": self.created,
+                "started": self.started, "finished": self.finished, "error": self.error, "hint": self.hint,
+                "attempts": self.attempts, "summary": self.summary, "result": self.result}
 
 
 class Store:
@@ -54,6 +72,14 @@ class Store:
         self.path = self.data_dir / "service.db"
         with self._db() as db:
             db.executescript(_SCHEMA)
+            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+            for column, kind in _ADDED.items():
+                if column not in have:
+                    try:
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in str(exc):
+                            raise
 
     def _db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -99,7 +125,9 @@ class Store:
         return Job(id=d["id"], owner=d["owner"], status=d["status"], options=json.loads(d["options"]),
                    model_file=d["model_file"], data_file=d["data_file"], created=d["created"],
                    started=d["started"], finished=d["finished"], error=d["error"], attempts=d["attempts"] or 0,
-                   pid=d["pid"], cancel=bool(d["cancel"]), result=json.loads(d["result"]) if d["result"] else None)
+                   pid=d["pid"], cancel=bool(d["cancel"]), result=json.loads(d["result"]) if d["result"] else None,
+                   stage=d["stage"], progress=json.loads(d["progress"]) if d["progress"] else None,
+                   summary=json.loads(d["summary"]) if d["summary"] else None, hint=d["hint"])
 
     def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
         if owner is None:
@@ -118,19 +146,45 @@ class Store:
             args.append(status)
         return [self._job(r) for r in self._exec(sql + " ORDER BY created", tuple(args))]
 
+    def page_jobs(self, owner: str, *, status: str | None = None, limit: int = 50,
+                  after: tuple[float, str] | None = None) -> tuple[list[Job], tuple[float, str] | None]:
+        """Newest first, ``limit`` at most, those older than ``after`` (the ``(created, id)`` of the previous
+        page's last job: keyset paging, so jobs added meanwhile shift nothing). Returns the page and the key
+        of the next one (None on the last page)."""
+        sql, args = "SELECT * FROM jobs WHERE owner=?", [owner]
+        if status is not None:
+            sql += " AND status=?"
+            args.append(status)
+        if after is not None:
+            sql += " AND (created < ? OR (created = ? AND id < ?))"
+            args += [after[0], after[0], after[1]]
+        rows = self._exec(sql + " ORDER BY created DESC, id DESC LIMIT ?", (*args, limit + 1)).fetchall()
+        page = [self._job(r) for r in rows[:limit]]
+        return page, ((page[-1].created, page[-1].id) if len(rows) > limit else None)
+
+    def count_jobs(self) -> dict[str, int]:
+        return {r["status"]: r["n"] for r in self._exec("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")}
+
     def claim(self, job_id: str) -> bool:
         """queued -> running, once: a duplicate delivery of the same job finds it claimed."""
-        cur = self._exec("UPDATE jobs SET status='running', started=?, attempts=attempts+1, error=NULL "
+        cur = self._exec("UPDATE jobs SET status='running', started=?, attempts=attempts+1, error=NULL, hint=NULL, "
+                         "stage=NULL, progress=NULL "
                          "WHERE id=? AND status='queued' AND cancel=0", (time.time(), job_id))
         return cur.rowcount == 1
 
     def set_pid(self, job_id: str, pid: int | None) -> None:
         self._exec("UPDATE jobs SET pid=? WHERE id=?", (pid, job_id))
 
-    def finish(self, job_id: str, status: str, *, error: str | None = None, result: dict | None = None) -> None:
-        self._exec("UPDATE jobs SET status=?, finished=?, error=?, result=?, pid=NULL WHERE id=? AND status NOT IN "
-                   "('succeeded','failed','canceled')",
-                   (status, time.time(), error, json.dumps(result) if result is not None else None, job_id))
+    def set_progress(self, job_id: str, stage: str | None, progress: dict | None) -> None:
+        self._exec("UPDATE jobs SET stage=?, progress=? WHERE id=?",
+                   (stage, json.dumps(progress) if progress is not None else None, job_id))
+
+    def finish(self, job_id: str, status: str, *, error: str | None = None, hint: str | None = None,
+               result: dict | None = None, summary: dict | None = None) -> None:
+        self._exec("UPDATE jobs SET status=?, finished=?, error=?, hint=?, result=?, summary=?, pid=NULL WHERE id=? "
+                   "AND status NOT IN ('succeeded','failed','canceled')",
+                   (status, time.time(), error, hint, json.dumps(result) if result is not None else None,
+                    json.dumps(summary) if summary is not None else None, job_id))
 
     def requeue(self, job_id: str) -> None:
         self._exec("UPDATE jobs SET status='queued', pid=NULL WHERE id=?", (job_id,))
@@ -144,6 +198,20 @@ class Store:
 
     def delete_job(self, job_id: str) -> None:
         self._exec("DELETE FROM jobs WHERE id=?", (job_id,))
+
+    # workers
+    def heartbeat(self, worker_id: str, host: str, pid: int, slots: int, started: float) -> None:
+        now = time.time()
+        self._exec("INSERT INTO workers VALUES (?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET seen=excluded.seen",
+                   (worker_id, host, pid, slots, started, now))
+        self._exec("DELETE FROM workers WHERE seen < ?", (now - 24 * 3600,))  # long dead: forget
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._exec("DELETE FROM workers WHERE id=?", (worker_id,))
+
+    def alive_workers(self) -> list[dict]:
+        rows = self._exec("SELECT * FROM workers WHERE seen >= ? ORDER BY started", (time.time() - ALIVE_S,))
+        return [dict(r) for r in rows]
 
     # tokens
     def add_token(self, hash_: str, owner: str, name: str) -> None:
