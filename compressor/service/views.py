@@ -78,7 +78,7 @@ def progress_of(events: list[dict[str, Any]], status: str) -> JobProgress:
     within = min(done / total, 1.0) if task and total else 0.0
     fraction = (finished_stages + within) / len(STAGES) if stage else 0.0
     if status == "succeeded":
-        fraction, task, eta = 1.0, None, None
+        fraction, stage, task, eta = 1.0, "finished", None, None
     elif status in TERMINAL:
         task, eta = None, None
     return JobProgress(fraction=fraction, stage=stage, task=task, done=done, total=total, eta_seconds=eta, log=log,

@@ -1,0 +1,68 @@
+"""Helpers of the service's tests: the server (uvicorn in a subprocess on a free loopback port), the CLI in a
+subprocess, tokens, and the demo job's small data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "demo"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", *args],
+                            start_new_session=True, **kw)
+
+
+class Server:
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = cli("serve", "--port", str(self.port), "--data-dir", str(data_dir), *extra)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not come up")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def make_token(data_dir: Path, owner: str) -> str:
+    out = subprocess.run([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", "token", "create",
+                          owner, "--data-dir", str(data_dir)], capture_output=True, text=True, check=True).stdout
+    return out.split()[-1]
+
+
+def small_demo_data(path: Path, n: int = 300) -> Path:
+    """The first ``n`` images of the demo's Fashion-MNIST sample, as an .npz at ``path``."""
+    z = np.load(DEMO / "fmnist_sample.npz")
+    np.savez(path, images=z["images"][:n], labels=z["labels"][:n])
+    return path
