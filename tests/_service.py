@@ -30,11 +30,13 @@ def cli(*args: str, **kw) -> subprocess.Popen:
 
 
 class Server:
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        """``env``: variables set for the server and its workers, over this process's environment."""
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = cli("serve", "--port", str(self.port), "--data-dir", str(data_dir), *extra)
+        self.proc = cli("serve", "--port", str(self.port), "--data-dir", str(data_dir), *extra,
+                        env={**os.environ, **env} if env else None)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from _service import DEMO, Server, make_token, small_demo_data
+from _service import DEMO, Server, small_demo_data
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -35,9 +35,15 @@ def browser():
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
+    from compressor.service.auth import create_token
+    from compressor.service.store import Store
+
     data_dir = tmp_path_factory.mktemp("web") / "svc"
-    alice, bob = make_token(data_dir, "alice"), make_token(data_dir, "bob")
-    s = Server(data_dir)
+    store = Store(data_dir)  # tokens straight into the table: `compressor token create` is tested elsewhere
+    alice, bob = create_token(store, "alice"), create_token(store, "bob")
+    # One intra-op thread for the job: on a busy 2-core machine torch's default threads made the demo job about
+    # 3x slower (44 s against 125 s, measured interleaved; the same reason as torch.set_num_threads(1) in conftest).
+    s = Server(data_dir, env={"OMP_NUM_THREADS": "1"})
     s.tokens = {"alice": alice, "bob": bob}
     yield s
     s.stop()
@@ -126,18 +132,15 @@ def test_login_submit_watch_download(browser, service, tmp_path):
     x = np.zeros((1, 1, 28, 28), dtype=np.float32)
     assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 10)
 
-    # The list: status, accuracy before/after, speed-up; then the comparison of the chosen job.
+    # The list: status, model, target, progress, accuracy before/after, speed-up.
     page.goto(service.url + "/ui/")
     row = page.locator(f"tr[data-job='{job_id}']")
     assert row.get_attribute("data-status") == "succeeded"
     text = row.inner_text()
     assert "resnet20_fmnist.pt" in text and "FLOPs × 0.5" in text and "→" in text and "×" in text, text
     assert row.locator("progress").get_attribute("value") == "1.0000"
+    assert row.locator("input[type=checkbox]").count() == 1  # a succeeded job can be compared (test_web_auth.py)
     page.screenshot(path=str(tmp_path / "jobs_list.png"), full_page=True)
-    row.locator("input[type=checkbox]").check()
-    page.click("#jobs-form button[type=submit]")
-    page.wait_for_selector("#compare-plot")
-    assert page.evaluate("document.getElementById('compare-plot').naturalWidth") > 100
     context.close()
     print(f"screenshots: {tmp_path / 'jobs_list.png'}, {tmp_path / 'job_page.png'}")
 

@@ -3,6 +3,8 @@ TestClient (no server, no browser, no job run)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,32 @@ def test_job_pages_are_the_owners_only(app):
     assert b.get(f"/ui/jobs/{job.id}").status_code == 404
     assert b.get(f"/ui/jobs/{job.id}/files/plots/channels.png").status_code == 404
     assert job.id not in b.get("/ui/").text and job.id in a.get("/ui/").text
+
+
+def _succeeded(store, owner: str, flops: float, acc: float, speed: float) -> str:
+    job = store.add_job(owner, {"arch": "resnet20", "target_flops": flops}, "m", "d")
+    out = store.job_dir(job.id) / "out"
+    out.mkdir(parents=True)
+    report = {"flops": {"achieved_ratio": flops}, "accuracy": {"original_onnx": 0.9, "compressed_onnx": acc},
+              "latency_ms": {"batch1": {"speedup": speed}, "batch64": {"speedup": speed / 2}}, "criterion": "l2"}
+    (out / "report.json").write_text(json.dumps(report))
+    store.finish(job.id, "succeeded", result={"accuracy_original": 0.9, "accuracy_compressed": acc})
+    return job.id
+
+
+def test_compare_page_draws_the_chosen_jobs(app):
+    store = app.state.store
+    a, b = _succeeded(store, "local", 0.5, 0.85, 1.8), _succeeded(store, "local", 0.3, 0.7, 2.6)
+    other = _succeeded(store, "bob", 0.4, 0.8, 2.0)
+    client = TestClient(app)
+    listing = client.get("/ui/").text
+    assert "1.80× / 0.90×" in listing and "90.00% → 70.00%" in listing and other not in listing
+    r = client.get("/ui/compare", params=[("job", a), ("job", b), ("job", other)])
+    assert r.status_code == 200 and 'src="data:image/png;base64,' in r.text
+    rows = re.findall(r"<tr><td><a href=\"/ui/jobs/(\w+)\">", r.text)
+    assert rows == [a, b]  # bob's job is not the anonymous owner's to compare
+    assert "0.500" in r.text and "2.60x" in r.text and "-20.00" in r.text
+    assert client.get("/ui/compare", params={"job": other}).status_code == 404
 
 
 def _events(lines: list[dict]) -> list[dict]:
