@@ -24,9 +24,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(*args: str, **kw) -> subprocess.Popen:
+def cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """``compressor ARGS`` in its own session. Its jobs use one intra-op thread unless ``OMP_NUM_THREADS`` is set:
+    on a busy 2-core machine torch's default threads made the demo job about 3x slower (44 s against 125 s,
+    measured interleaved; the reason for torch.set_num_threads(1) in conftest too)."""
+    env = {"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}
     return subprocess.Popen([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", *args],
-                            start_new_session=True, **kw)
+                            start_new_session=True, env=env, **kw)
 
 
 class Server:
@@ -35,8 +39,7 @@ class Server:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = cli("serve", "--port", str(self.port), "--data-dir", str(data_dir), *extra,
-                        env={**os.environ, **env} if env else None)
+        self.proc = cli("serve", "--port", str(self.port), "--data-dir", str(data_dir), *extra, env=env)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:

@@ -41,9 +41,7 @@ def service(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("web") / "svc"
     store = Store(data_dir)  # tokens straight into the table: `compressor token create` is tested elsewhere
     alice, bob = create_token(store, "alice"), create_token(store, "bob")
-    # One intra-op thread for the job: on a busy 2-core machine torch's default threads made the demo job about
-    # 3x slower (44 s against 125 s, measured interleaved; the same reason as torch.set_num_threads(1) in conftest).
-    s = Server(data_dir, env={"OMP_NUM_THREADS": "1"})
+    s = Server(data_dir)  # its job runs on one intra-op thread (tests/_service.py says why)
     s.tokens = {"alice": alice, "bob": bob}
     yield s
     s.stop()
