@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -61,7 +62,7 @@ def router(store: Store, config: Any) -> APIRouter:
         return response
 
     def to_login(request: Request) -> RedirectResponse:
-        return RedirectResponse(f"/ui/login?next={request.url.path}", status_code=303)
+        return RedirectResponse(f"/ui/login?next={quote(request.url.path)}", status_code=303)
 
     def failed(request: Request, exc: CompressorError) -> HTMLResponse:
         return render(request, "error.html", getattr(exc, "status", 400), error=exc.message, hint=exc.hint)
