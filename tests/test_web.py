@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
