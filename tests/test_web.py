@@ -188,3 +188,50 @@ def test_cross_site_post_is_refused(browser, service):
     page.click("#cancel")
     page.wait_for_selector("#status:text-is('canceled')")
     context.close()
+
+
+@pytest.mark.parametrize("form", ["typed", "older"])
+def test_job_page_follows_the_stream_in_either_event_form(browser, service, form):
+    """The page's script reads new events as views.py does: written by hand here, so the figures are known."""
+    import json
+
+    from compressor.service.store import Store
+
+    store = Store(service.data_dir)
+    job = store.add_job("alice", {"arch": "resnet20", "target_flops": 0.5}, "nofile", "nofile")
+    assert store.claim(job.id)  # running (and never queued), so the page follows its stream
+    now = time.time()
+    if form == "typed":
+        first = [{"type": "stage_started", "time": now, "name": "load"},
+                 {"type": "stage_started", "time": now, "name": "fine-tune"},
+                 {"type": "task_started", "time": now, "description": "epoch 1", "total": 10}]
+        then = [{"type": "task_progress", "time": now + 2, "description": "epoch 1", "done": 5, "total": 10,
+                 "advanced": 1, "metrics": {}, "eta_seconds": 3.5},
+                {"type": "warning", "time": now + 2, "message": "slow going"}]
+        stage, fraction, task, eta = "fine-tune", (3 + 0.5) / 6, "epoch 1 5/10", "ETA 4 s"
+    else:
+        first = [{"t": now, "kind": "stage", "name": "prune"},
+                 {"t": now, "kind": "task", "description": "search", "total": 4}]
+        then = [{"t": now + 2, "kind": "advance", "n": 1, "metrics": {}},
+                {"t": now + 2, "kind": "note", "message": "slow going"}]
+        stage, fraction, task, eta = "prune", (2 + 0.25) / 6, "search 1/4", "ETA 6 s"
+    events = store.job_dir(job.id) / "events.jsonl"
+    events.parent.mkdir(parents=True)
+    events.write_text("".join(json.dumps(e) + "\n" for e in first))
+    context, page = _login(browser, service, service.tokens["alice"])
+    page.wait_for_url(re.compile(r"/ui/$"))
+    page.goto(f"{service.url}/ui/jobs/{job.id}")
+    assert page.inner_text("#stage") == stage and page.inner_text("#status") == "running"
+    with events.open("a") as fh:  # new events, after the page was drawn: only the script can show them
+        fh.write("".join(json.dumps(e) + "\n" for e in then))
+    try:
+        deadline = time.time() + 20  # (the pages' CSP forbids wait_for_function's eval; evaluate is not eval)
+        while abs(page.evaluate("document.getElementById('bar').value") - fraction) > 1e-6 and time.time() < deadline:
+            time.sleep(0.2)
+        assert page.evaluate("document.getElementById('bar').value") == pytest.approx(fraction)
+        assert page.inner_text("#task") == task and page.inner_text("#eta") == eta
+        assert page.inner_text("#log").count("slow going") == 1
+    finally:
+        store.finish(job.id, "canceled")  # the stream ends; the page reloads to the job's end
+    page.wait_for_selector("#status:text-is('canceled')")
+    context.close()

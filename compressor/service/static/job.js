@@ -8,19 +8,19 @@
   const TERMINAL = ["succeeded", "failed", "canceled"];
   const STAGES = ["load", "trace", "prune", "fine-tune", "export", "validate"];
   const ALIASES = {stage_started: "stage", task_started: "task", task_progress: "advance", task_finished: "done"};
-  const shown = Number(section.dataset.last || 0);  // log lines up to this event are on the page already
+  // The state is a fold over the events in order, so a stream that starts again from the beginning (a
+  // reconnect; the older events' advances, whose "n" is the units advanced rather than the event's number,
+  // make the server re-read the file) rebuilds it. Only the log must not repeat a line: it goes by number.
+  let logged = Number(section.dataset.last || 0);  // log lines up to this event are on the page already
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const csrfHeader = document.querySelector('meta[name="csrf-header"]').content;
-  const s = {stage: null, finished: 0, task: null, done: 0, total: null, eta: null, started: null, last: 0};
+  const s = {stage: null, finished: 0, task: null, done: 0, total: null, eta: null, started: null};
 
   function fmt(seconds) {
     const t = Math.round(seconds);
     return t >= 60 ? Math.floor(t / 60) + ":" + String(t % 60).padStart(2, "0") : t + " s";
   }
   function apply(ev) {
-    if (ev.n <= s.last) return;  // a reconnect replays from the start (so do the older events' advances,
-    // whose "n" is the units advanced, not the event's number: those are dropped here)
-    s.last = ev.n;
     const kind = ALIASES[ev.type || ev.kind] || ev.type || ev.kind;
     const t = ev.time !== undefined ? ev.time : ev.t;
     if (kind === "stage") {
@@ -35,7 +35,8 @@
       else if (s.total && s.started !== null && s.done) s.eta = Math.max(0, (t - s.started) / s.done * (s.total - s.done));
     } else if (kind === "done") {
       Object.assign(s, {task: null, eta: null});
-    } else if (["note", "warning", "error"].includes(kind) && ev.message && ev.n > shown) {
+    } else if (["note", "warning", "error"].includes(kind) && ev.message && ev.n > logged) {
+      logged = ev.n;
       const li = document.createElement("li");
       li.className = kind;
       li.textContent = kind + ": " + ev.message;
