@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,58 +13,17 @@ import zipfile
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "models" / "demo"
+from _service import DEMO, Server, cli as _cli, free_port as _free_port, make_token as _token, small_demo_data
+
 OPTS = {"arch": "resnet20", "target_flops": 0.5, "epochs": 0, "mean": [0.2860], "std": [0.3530],
         "latency_runs": 5, "device": "cpu"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", *args],
-                            start_new_session=True, **kw)
-
-
-class Server:
-    def __init__(self, data_dir: Path, *extra: str) -> None:
-        self.data_dir = data_dir
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = _cli("serve", "--port", str(self.port), "--data-dir", str(data_dir), *extra)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the server did not come up")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    z = np.load(DEMO / "fmnist_sample.npz")
-    path = tmp_path_factory.mktemp("data") / "small.npz"
-    np.savez(path, images=z["images"][:300], labels=z["labels"][:300])
-    return path
+    return small_demo_data(tmp_path_factory.mktemp("data") / "small.npz")
 
 
 @pytest.fixture()
@@ -202,12 +160,6 @@ def test_bad_options_are_all_named_and_nothing_queued(server, small_data):
     assert set(fields) == {"arch", "target_flops", "epochs", "bogus", "out_dir"}
     assert "--target-flops must lie strictly between 0 and 1, got 2" in fields["target_flops"]
     assert httpx.get(server.url + "/v1/jobs").json() == []
-
-
-def _token(data_dir: Path, owner: str) -> str:
-    out = subprocess.run([sys.executable, "-c", "from compressor.cli.toolbox import main; main()", "token", "create",
-                          owner, "--data-dir", str(data_dir)], capture_output=True, text=True, check=True).stdout
-    return out.split()[-1]
 
 
 def test_tokens_and_tenant_matrix(tmp_path, small_data):

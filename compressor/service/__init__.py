@@ -4,5 +4,5 @@
 ``uploads`` streamed uploads and safe zip extraction, ``queue`` Huey's setup, ``worker`` one job per
 subprocess (cancel through the library's token) and the workers' heartbeat, ``events`` a job's typed
 events read back and folded into its stage and progress, ``client`` the httpx client behind
-``compressor submit``.
+``compressor submit``, ``web`` the pages for people (templates/, static/) and ``views`` what they show of a job.
 """

@@ -18,8 +18,8 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from compressor.errors import CompressorError
 
-from . import uploads
-from .auth import owner_of
+from . import uploads, web
+from .auth import request_owner
 from .errors import BadOptions, Conflict, NotFound
 from .events import read_events
 from .models import Health, JobView
@@ -152,8 +152,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             body["fields"] = exc.errors
         return JSONResponse(body, status_code=getattr(exc, "status", 422))
 
-    def owner(authorization: Optional[str] = Header(None)) -> str:
-        return owner_of(store, authorization)
+    def owner(request: Request, authorization: Optional[str] = Header(None)) -> str:  # the header: for the schema
+        return request_owner(store, method=request.method, headers=request.headers, cookies=request.cookies)
 
     def job_of(job_id: str, who: str):
         job = store.get_job(job_id, who)
@@ -293,6 +293,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise NotFound(f"no artifact {name} in job {job_id}")
         return FileResponse(path, filename=name)
 
+    app.include_router(web.router(store, config))  # the pages, over the same store and API
     app.state.store = store
     app.state.huey = huey
     return app

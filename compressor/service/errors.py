@@ -41,3 +41,7 @@ class BadOptions(ServiceError):
 
 class InsufficientStorage(ServiceError):
     status = 507
+
+
+class Forbidden(ServiceError):
+    status = 403
