@@ -83,10 +83,11 @@ class Registry:
         elif name in self.entry_points():
             cls = self._load(name)
             if cls is None:
-                raise ConfigError(f"{self.kind} {name!r} is registered but its plug-in failed to import (see the warning)")
+                raise ConfigError(f"{self.option} {name}: the {self.kind} is registered but its plug-in failed to import "
+                                  "(see the warning)")
         else:
             names = ", ".join(info.name for info in self.available()) or "none"
             raise ConfigError(f"unknown {self.kind} {name!r}; available: {names}", hint="or pass package.module:Class")
         if not callable(cls):
-            raise ConfigError(f"{self.kind} {name!r} resolves to {cls!r}, which is not callable")
+            raise ConfigError(f"{self.option} {name}: resolves to {cls!r}, which is not callable")
         return cls
