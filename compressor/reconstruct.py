@@ -252,8 +252,8 @@ def solve(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, *, ridge: float, i
     pulled = torch.ones(d, dtype=torch.float64, device=x.device)
     if intercept:
         pulled[-1] = 0
-    scale = gram.diagonal(dim1=1, dim2=2)[:, pulled.bool()].mean(1).clamp_min(1e-12) if pulled.any() else torch.ones(gram.shape[0], dtype=torch.float64, device=x.device)
-    lam = (ridge * scale)[:, None] * pulled
+    scale = (gram.diagonal(dim1=1, dim2=2) * pulled).sum(1) / pulled.sum().clamp_min(1)
+    lam = (ridge * scale.clamp_min(1e-12))[:, None] * pulled
     rhs = torch.bmm(x.transpose(1, 2), y).double() + lam[:, :, None] * w0.double()
     a = gram + torch.diag_embed(lam)
     try:
