@@ -430,7 +430,11 @@ def after_prune(graph, plan, pruned: nn.Module, data, *, config) -> Reconstructi
     if plan is None:
         return Reconstruction(images=0, seconds=0.0, skipped={"(every layer)": "the pruned model did not come from "
                               "Run.plan or Run.pruned, so its kept channels are unknown"})
-    kept = kept_outputs(graph, plan)
+    try:
+        kept = kept_outputs(graph, plan)
+    except RecursionError:  # too deep to copy (pruning.copy_graph): the search traced its probes instead
+        return Reconstruction(images=0, seconds=time.perf_counter() - start, skipped={
+            "(every layer)": "the model's graph is too deep to copy, so its kept channels could not be read off"})
     device = next(pruned.parameters()).device
     n = affordable_images(graph.model, graph.example_input.to(device), CALIBRATION_IMAGES)
     images = calibration_images(data, n, seed=config.seed).to(device)
