@@ -256,8 +256,8 @@ def solve(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, *, ridge: float, i
     pulled = torch.ones(d, dtype=torch.float64, device=x.device)
     if intercept:
         pulled[-1] = 0
-    scale = gram.diagonal(dim1=1, dim2=2)[:, pulled.bool()].mean(1).clamp_min(1e-12) if pulled.any() else torch.ones(gram.shape[0], dtype=torch.float64, device=x.device)
-    lam = (ridge * scale)[:, None] * pulled
+    scale = (gram.diagonal(dim1=1, dim2=2) * pulled).sum(1) / pulled.sum().clamp_min(1)
+    lam = (ridge * scale.clamp_min(1e-12))[:, None] * pulled
     rhs = torch.bmm(x.transpose(1, 2), y).double() + lam[:, :, None] * w0.double()
     a = gram + torch.diag_embed(lam)
     try:
@@ -434,7 +434,11 @@ def after_prune(graph, plan, pruned: nn.Module, data, *, config) -> Reconstructi
     if plan is None:
         return Reconstruction(images=0, seconds=0.0, skipped={"(every layer)": "the pruned model did not come from "
                               "Run.plan or Run.pruned, so its kept channels are unknown"})
-    kept = kept_outputs(graph, plan)
+    try:
+        kept = kept_outputs(graph, plan)
+    except RecursionError:  # too deep to copy (pruning.copy_graph): the search traced its probes instead
+        return Reconstruction(images=0, seconds=time.perf_counter() - start, skipped={
+            "(every layer)": "the model's graph is too deep to copy, so its kept channels could not be read off"})
     device = next(pruned.parameters()).device
     n = affordable_images(graph.model, graph.example_input.to(device), CALIBRATION_IMAGES)
     images = calibration_images(data, n, seed=config.seed).to(device)

@@ -179,3 +179,20 @@ def test_the_kept_output_channels_are_read_off_a_copy_pruned_by_the_same_plan(re
     root = graph.module(spec.root)
     assert kept[spec.root].tolist() == [i for i in range(root.weight.shape[0]) if i not in (0, 2)]
     assert torch.equal(pruned.get_submodule(spec.root).weight, root.weight[kept[spec.root]])
+
+
+def test_no_reconstruct_leaves_the_prune_unreconstructed_and_says_so_in_the_report(model_path, data_path, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from compressor.cli.compress import app
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, [str(model_path), "--arch", "resnet20", "--data", str(data_path), "--target-flops",
+                                      "0.5", "--epochs", "0", "--latency-runs", "1", "--device", "cpu", "--out", str(out),
+                                      "--no-reconstruct"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["pruned_reconstructed"] is None
+    assert [e["reconstruction"] for e in report["schedule"]["events"]] == [None]
