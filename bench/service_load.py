@@ -254,14 +254,12 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text + "\n")
     finally:
-        for p in reversed(procs):
+        for p in reversed(procs):  # workers, then the server, then Redis: none loses its broker mid-stop
             try:
                 os.killpg(p.pid, signal.SIGTERM)
+                p.wait(30)
             except ProcessLookupError:
                 pass
-        for p in reversed(procs):
-            try:
-                p.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
