@@ -50,6 +50,7 @@ def test_login_cookie_flags_and_wrong_token(app):
     https = TestClient(app, base_url="https://testserver")
     r = https.post("/ui/login", data={"token": token}, follow_redirects=False)
     assert "secure" in r.headers["set-cookie"].lower()
+    client.cookies.clear()  # the forged cookie alone, not beside the real one the login set
     client.cookies.set(COOKIE, "cmp_forged")
     assert client.get("/ui/", follow_redirects=False).status_code == 303
     assert client.get("/v1/jobs").status_code == 401
