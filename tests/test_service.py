@@ -210,8 +210,9 @@ def test_cancel_running_job_stops_at_the_token(server, tiny_files):
                         .get("done", 0) > 0 or j["status"] in ("succeeded", "failed", "canceled"), timeout=120)
     assert running["status"] == "running", running
     progress = running["progress"]
-    assert progress["task"].startswith("fine-tune") and progress["total"] > progress["done"] > 0, progress
-    assert progress["eta_s"] is not None and progress["eta_s"] > 0
+    # with 2 steps an epoch, a poll may land just as an epoch's task finished (done == total, ETA 0)
+    assert progress["task"].startswith("fine-tune") and progress["total"] >= progress["done"] > 0, progress
+    assert progress["eta_s"] is not None and progress["eta_s"] >= 0
     t0 = time.time()
     r = httpx.post(f"{server.url}/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 200
