@@ -43,3 +43,25 @@ def tiny_resnet20(*, num_classes: int = NUM_CLASSES, in_channels: int = 1, seed:
                 m.weight.uniform_(0.2, 1.5)
                 m.bias.uniform_(-0.1, 0.1)
     return model.eval()
+
+
+class FlopsTimer:
+    """Stands in for ``latency.OnnxTimer`` where a test needs a latency search but not real timing: a
+    candidate's latency ratio is exactly its FLOPs ratio, so the search's outcome does not depend on how
+    busy the machine is."""
+
+    provider = "injected timer"
+
+    def __init__(self, original: torch.nn.Module, *, example_input: torch.Tensor, **_: object) -> None:
+        from compressor import flops
+
+        self.example_input = example_input
+        self.original = flops.measure(original, example_input).macs
+
+    def __call__(self, model: torch.nn.Module):
+        from compressor import flops
+        from compressor.latency import LatencyMeasurement
+
+        r = flops.measure(model, self.example_input).macs / self.original
+        return LatencyMeasurement(ratio=r, spread=0.0, original_ms=1.0, compressed_ms=r)
+

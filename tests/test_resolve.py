@@ -12,6 +12,7 @@ import torch
 from compressor import compress, pipeline, pruning, validate
 from compressor.errors import ParityError
 from compressor.validate import Parity, judge_parity
+from _tiny import FlopsTimer
 
 
 def test_the_floor_is_computed_once_per_rounding_multiple(make_config, monkeypatch):
@@ -34,28 +35,7 @@ def test_the_floor_is_computed_once_per_rounding_multiple(make_config, monkeypat
 def test_a_latency_target_is_recorded_as_asked_and_as_resolved(make_config, monkeypatch):
     from compressor import latency
 
-    class Timer:
-        provider = "injected timer"
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def __call__(self, model):  # latency follows the FLOPs exactly
-            from compressor import flops
-            from _tiny import IMAGE_SIZE
-
-            x = torch.zeros(1, 1, IMAGE_SIZE, IMAGE_SIZE)
-            r = flops.measure(model, x).macs / self.original
-            return latency.LatencyMeasurement(ratio=r, spread=0.0, original_ms=1.0, compressed_ms=r)
-
-    def make(original, **kwargs):
-        from compressor import flops
-
-        t = Timer()
-        t.original = flops.measure(original, kwargs["example_input"]).macs
-        return t
-
-    monkeypatch.setattr(latency, "OnnxTimer", make)
+    monkeypatch.setattr(latency, "OnnxTimer", FlopsTimer)  # latency follows the FLOPs exactly
     config = make_config(target_flops=None, target_latency=0.6, epochs=0, round_to=1)
     result = compress(config)
     assert config.target_flops is None  # the config is not rewritten
