@@ -38,11 +38,14 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (non-loop
                                                "`compressor worker` apart).")] = 1,
           job_timeout: Annotated[float, typer.Option(help="Seconds a job may run before it is stopped.")] = 3600.0,
           max_attempts: Annotated[int, typer.Option(help="Times a job interrupted by a dead worker is tried.")] = 2,
-          max_upload_mb: Annotated[int, typer.Option(help="Largest upload, MiB.")] = 512,
+          max_upload_mb: Annotated[int, typer.Option(help="Largest upload, MiB.")] = 4096,
           max_unpacked_mb: Annotated[int, typer.Option(help="Most bytes a data .zip may unpack to, MiB.")] = 2048,
           allow_arch: Annotated[Optional[list[str]], typer.Option(help="package.module:factory archs jobs may use.")] = None,
           max_nproc_per_node: Annotated[int, typer.Option(help="Most nproc_per_node a job may ask for (data-parallel "
                                                           "fine-tuning processes on the worker's host).")] = 8,
+          retention_days: Annotated[Optional[float], typer.Option(min=0.001, help="Delete finished jobs (and uploads no "
+                                                                  "remaining job reads) this many days after they "
+                                                                  "ended or were made (default: keep).")] = None,
           ) -> None:
     """Run the HTTP API (and, by default, one embedded worker)."""
     def go() -> None:
@@ -65,7 +68,8 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (non-loop
         try:
             app = create_app(ServiceConfig(data_dir=data_dir, broker=broker, max_upload_bytes=max_upload_mb * 2**20,
                                            max_zip_bytes=max_unpacked_mb * 2**20,
-                                           allow_arch=tuple(allow_arch or ()), max_nproc_per_node=max_nproc_per_node))
+                                           allow_arch=tuple(allow_arch or ()), max_nproc_per_node=max_nproc_per_node,
+                                           retention_days=retention_days))
             uvicorn.run(app, host=host, port=port, log_level="warning")
         finally:
             if child is not None:

@@ -480,3 +480,44 @@ def test_nproc_per_node_passes_through_and_is_checked(tmp_path, tiny_files):
     assert "has the wrong type" in bad(nproc_per_node="two")["nproc_per_node"]
     assert "names a module to import" in bad(criterion="os:system")["criterion"]
     assert [j["id"] for j in client.get("/v1/jobs").json()] == [job_id]  # nothing else was queued
+
+
+def test_an_upload_is_deleted_once_no_running_job_reads_it(tmp_path, tiny_files):
+    data_dir = tmp_path / "svc"
+    client = _app(data_dir)  # no worker: the job stays queued
+    [job_id] = _queue_jobs(client, tiny_files, 1)
+    model_id = client.get(f"/v1/jobs/{job_id}").json()["model"]
+    r = client.delete(f"/v1/files/{model_id}")
+    assert r.status_code == 409 and job_id in r.json()["error"] and r.json()["hint"]
+    assert (data_dir / "files" / model_id).is_dir()
+    client.post(f"/v1/jobs/{job_id}/cancel")
+    assert client.delete(f"/v1/files/{model_id}").status_code == 204
+    assert not (data_dir / "files" / model_id).exists()
+    assert model_id not in [f["id"] for f in client.get("/v1/files").json()]
+    assert client.delete(f"/v1/files/{model_id}").status_code == 404
+
+
+def test_retention_deletes_what_ended_long_ago_and_keeps_the_rest(tmp_path, tiny_files):
+    from compressor.service.store import Store
+
+    data_dir = tmp_path / "svc"
+    client = _app(data_dir)
+    old, recent, queued = _queue_jobs(client, tiny_files, 3)
+    store = Store(data_dir)
+    files = [f["id"] for f in client.get("/v1/files").json()]
+    spare = client.post("/v1/files", files={"file": ("spare.npz", tiny_files[1].read_bytes())}).json()["id"]
+    for job_id in (old, recent):
+        client.post(f"/v1/jobs/{job_id}/cancel")
+    day = 86400
+    store._exec("UPDATE jobs SET finished=? WHERE id=?", (time.time() - 10 * day, old))
+    store._exec("UPDATE files SET created=?", (time.time() - 10 * day,))
+
+    # Through the server, as `serve --retention-days 7` runs it when it starts.
+    with _app(data_dir, retention_days=7):
+        pass
+    left = {j["id"] for j in client.get("/v1/jobs").json()}
+    assert left == {recent, queued}
+    assert not store.job_dir(old).exists() and store.job_dir(recent).is_dir()
+    # the two uploads the remaining jobs read stay; the old one nobody reads goes
+    assert {f["id"] for f in client.get("/v1/files").json()} == set(files)
+    assert not (data_dir / "files" / spare).exists()

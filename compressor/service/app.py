@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import shutil
+import sqlite3
+import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -36,13 +40,16 @@ _RESERVED = {"model_path", "data_path", "val_data", "out_dir", "overwrite", "tru
 class ServiceConfig:
     data_dir: Path
     broker: str | None = None
-    max_upload_bytes: int = 512 * 2**20
+    max_upload_bytes: int = 4 * 2**30
     max_zip_files: int = 100_000
     max_zip_bytes: int = 2 * 2**30
     min_free_bytes: int = 256 * 2**20
     allow_arch: tuple[str, ...] = ()
     max_nproc_per_node: int = 8
     """Most ``nproc_per_node`` a job may ask for (each is a process, and on CUDA a GPU, of the worker's host)."""
+    retention_days: float | None = None
+    """Finished jobs (with their artifacts) and the uploads no remaining job reads are deleted this many days
+    after they ended or were made; None keeps everything until it is deleted through the API."""
 
 
 def check_options(options: Any, allow_arch: tuple[str, ...], *, max_nproc: int = 8) -> dict[str, Any]:
@@ -136,12 +143,48 @@ def _uncursor(cursor: str) -> tuple[float, str]:
         raise BadOptions({"cursor": "is not a cursor this service gave (take it from the Link header)"}) from None
 
 
+RETENTION_EVERY_S = 3600.0
+"""How often the server applies ``--retention-days`` (and once when it starts)."""
+
+
+@contextlib.contextmanager
+def _retention(store: Store, days: float | None) -> Iterator[None]:
+    """While the server runs, delete what is older than ``days`` at start and every RETENTION_EVERY_S."""
+    if not days:
+        yield
+        return
+    stop = threading.Event()
+
+    def sweep() -> None:
+        while True:
+            try:
+                store.sweep(time.time() - days * 86400)
+            except sqlite3.Error:  # a locked DB: the next round tries again
+                pass
+            if stop.wait(RETENTION_EVERY_S):
+                return
+
+    thread = threading.Thread(target=sweep, name="retention", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def create_app(config: ServiceConfig) -> FastAPI:
     from .queue import make_huey
 
     store = Store(config.data_dir)
     huey = make_huey(config.data_dir, config.broker)
-    app = FastAPI(title="compressor", version="1")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        with _retention(store, config.retention_days):
+            yield
+
+    app = FastAPI(title="compressor", version="1", lifespan=lifespan)
 
     @app.exception_handler(CompressorError)
     async def _compressor_error(request: Request, exc: CompressorError) -> JSONResponse:
@@ -200,6 +243,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/v1/files")
     def files(who: str = Depends(owner)) -> list[dict]:
         return [{k: r[k] for k in ("id", "name", "kind", "size", "sha256", "created")} for r in store.list_files(who)]
+
+    @app.delete("/v1/files/{file_id}", status_code=204)
+    def delete_file(file_id: str, who: str = Depends(owner)) -> None:
+        if store.get_file(who, file_id) is None:
+            raise NotFound(f"no file {file_id}")
+        active = store.jobs_using(file_id, active_only=True)
+        if active:
+            raise Conflict(f"file {file_id} is read by job {active[0]}, which has not ended",
+                           hint="cancel or wait for that job first")
+        store.delete_file(file_id)
 
     @app.post("/v1/jobs", status_code=201, response_model=JobView)
     def submit(body: dict = Body(...), who: str = Depends(owner)) -> dict:

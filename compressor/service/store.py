@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ class Store:
         (self.data_dir / "files").mkdir(exist_ok=True)
         (self.data_dir / "jobs").mkdir(exist_ok=True)
         self.path = self.data_dir / "service.db"
+        self._local = threading.local()
         with self._db() as db:
             db.executescript(_SCHEMA)
             have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
@@ -82,18 +85,19 @@ class Store:
                             raise
 
     def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA busy_timeout=30000")
-        db.row_factory = sqlite3.Row
+        """This thread's connection (autocommit, WAL), opened on its first use and kept: the API's request
+        threads and the workers' threads each reuse theirs instead of opening one per statement."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            db.row_factory = sqlite3.Row
+            self._local.db = db
         return db
 
     def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        db = self._db()
-        try:
-            return db.execute(sql, args)
-        finally:
-            pass
+        return self._db().execute(sql, args)
 
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id
@@ -110,6 +114,32 @@ class Store:
 
     def list_files(self, owner: str) -> list[dict]:
         return [dict(r) for r in self._exec("SELECT * FROM files WHERE owner=? ORDER BY created", (owner,))]
+
+    def jobs_using(self, file_id: str, *, active_only: bool = False) -> list[str]:
+        """The ids of the jobs that read ``file_id`` (only those queued or running with ``active_only``)."""
+        sql = "SELECT id FROM jobs WHERE (model_file=? OR data_file=?)"
+        if active_only:
+            sql += " AND status NOT IN ('succeeded','failed','canceled')"
+        return [r["id"] for r in self._exec(sql, (file_id, file_id))]
+
+    def delete_file(self, file_id: str) -> None:
+        """The file's row and its folder under ``files/``."""
+        self._exec("DELETE FROM files WHERE id=?", (file_id,))
+        shutil.rmtree(self.data_dir / "files" / file_id, ignore_errors=True)
+
+    def sweep(self, older_than: float) -> tuple[list[str], list[str]]:
+        """Retention: delete the jobs that ended before ``older_than`` (a time.time() value), with their
+        folders, then the uploads made before it that no remaining job reads. Returns (jobs, files) deleted."""
+        jobs = [r["id"] for r in self._exec("SELECT id FROM jobs WHERE status IN ('succeeded','failed','canceled') "
+                                            "AND finished < ?", (older_than,))]
+        for job_id in jobs:
+            self.delete_job(job_id)
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        files = [r["id"] for r in self._exec("SELECT id FROM files WHERE created < ?", (older_than,))
+                 if not self.jobs_using(r["id"])]
+        for file_id in files:
+            self.delete_file(file_id)
+        return jobs, files
 
     # jobs
     def add_job(self, owner: str, options: dict, model_file: str, data_file: str) -> Job:
