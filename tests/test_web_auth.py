@@ -3,6 +3,7 @@ TestClient (no server, no browser, no job run)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from compressor.service.app import ServiceConfig, create_app
 from compressor.service.auth import COOKIE, csrf_token, create_token
-from compressor.service.views import STAGES, progress_of
+from compressor.service.models import Summary
+from compressor.service.views import STAGES, progress_of, table_progress
 
 
 @pytest.fixture()
@@ -122,7 +124,9 @@ def _succeeded(store, owner: str, flops: float, acc: float, speed: float) -> str
     report = {"flops": {"achieved_ratio": flops}, "accuracy": {"original_onnx": 0.9, "compressed_onnx": acc},
               "latency_ms": {"batch1": {"speedup": speed}, "batch64": {"speedup": speed / 2}}, "criterion": "l2"}
     (out / "report.json").write_text(json.dumps(report))
-    store.finish(job.id, "succeeded", result={"accuracy_original": 0.9, "accuracy_compressed": acc})
+    # as the worker does: the job table gets the report's headline figures, which the jobs list shows
+    store.finish(job.id, "succeeded", result={"accuracy_original": 0.9, "accuracy_compressed": acc},
+                 summary=dataclasses.asdict(Summary.from_report(report)))
     return job.id
 
 
@@ -139,6 +143,41 @@ def test_compare_page_draws_the_chosen_jobs(app):
     assert rows == [a, b]  # bob's job is not the anonymous owner's to compare
     assert "0.500" in r.text and "2.60x" in r.text and "-20.00" in r.text
     assert client.get("/ui/compare", params={"job": other}).status_code == 404
+
+
+def test_the_jobs_list_pages_and_reads_only_the_job_table(app, monkeypatch):
+    from compressor.service import views, web
+
+    store = app.state.store
+    monkeypatch.setattr(web, "JOBS_PER_PAGE", 3)
+    ids = [store.add_job("local", {"arch": "resnet20", "target_flops": 0.5}, "m", "d").id for _ in range(5)]
+    store.claim(ids[-1])
+    store.set_progress(ids[-1], "fine-tune", {"task": "epoch 1", "done": 5, "total": 10, "eta_s": 3.0})
+    # no job file is read for the list: its bars come from the job table the worker keeps current
+    monkeypatch.setattr(views, "read_events", lambda *a, **k: pytest.fail("the list read a job's events"))
+    client = TestClient(app)
+    first = client.get("/ui/").text
+    shown = re.findall(r'<tr data-job="(\w+)"', first)
+    assert shown == ids[::-1][:3]
+    assert f'value="{(3 + 0.5) / len(STAGES):.4f}"' in first and "fine-tune" in first
+    older = re.search(r'href="(/ui/\?cursor=[^"]+)" id="older"', first).group(1)
+    second = client.get(older.replace("&amp;", "&")).text
+    assert re.findall(r'<tr data-job="(\w+)"', second) == ids[::-1][3:]
+    assert 'id="older"' not in second and 'href="/ui/">newest jobs' in second
+    assert client.get("/ui/?cursor=nonsense").status_code == 200  # a bad cursor shows the first page
+
+
+def test_progress_from_the_job_table():
+    from compressor.service.store import Job
+
+    job = Job(id="j", owner="o", status="running", options={}, model_file="m", data_file="d", created=0.0,
+              started=1.0, finished=None, error=None, attempts=1, pid=None, cancel=False, result=None,
+              stage="prune", progress={"task": "search", "done": 1, "total": 4, "eta_s": 6.0})
+    p = table_progress(job)
+    assert (p.stage, p.task, p.done, p.total, p.eta_seconds) == ("prune", "search", 1, 4, 6.0)
+    assert p.fraction == pytest.approx((2 + 0.25) / len(STAGES))
+    assert table_progress(dataclasses.replace(job, status="succeeded")).fraction == 1.0
+    assert table_progress(dataclasses.replace(job, status="queued", stage=None, progress=None)).fraction == 0.0
 
 
 def _events(lines: list[dict]) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
@@ -27,7 +26,7 @@ from .auth import request_owner
 from .errors import BadOptions, Conflict, NotFound
 from .events import read_events
 from .models import Health, JobView
-from .store import TERMINAL, Store
+from .store import TERMINAL, Store, page_cursor, page_key
 
 # Options a job may not set: the service owns paths and never unpickles.
 _PAIRS = {"mean": ("std",), "std": ("mean",), "schedule_options": ("schedule",), "criterion_options": ("criterion",)}
@@ -131,16 +130,11 @@ def _check_parallel(config: Any, max_nproc: int, errors: dict[str, str]) -> None
             errors["nproc_per_node"] = exc.message
 
 
-def _cursor(key: tuple[float, str]) -> str:
-    return base64.urlsafe_b64encode(f"{key[0]!r}/{key[1]}".encode()).decode().rstrip("=")
-
-
 def _uncursor(cursor: str) -> tuple[float, str]:
-    try:
-        created, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("/", 1)
-        return float(created), job_id
-    except (ValueError, UnicodeDecodeError):
-        raise BadOptions({"cursor": "is not a cursor this service gave (take it from the Link header)"}) from None
+    key = page_key(cursor)
+    if key is None:
+        raise BadOptions({"cursor": "is not a cursor this service gave (take it from the Link header)"})
+    return key
 
 
 RETENTION_EVERY_S = 3600.0
@@ -281,9 +275,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         its cursor also in ``X-Next-Cursor``; the last page has neither."""
         page, after = store.page_jobs(who, status=status, limit=limit, after=_uncursor(cursor) if cursor else None)
         if after is not None:
-            nxt = request.url.include_query_params(cursor=_cursor(after), limit=limit)
+            nxt = request.url.include_query_params(cursor=page_cursor(after), limit=limit)
             response.headers["Link"] = f'<{nxt.path}?{nxt.query}>; rel="next"'
-            response.headers["X-Next-Cursor"] = _cursor(after)
+            response.headers["X-Next-Cursor"] = page_cursor(after)
         return [j.public() for j in page]
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import sqlite3
@@ -26,6 +27,20 @@ CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created, id);
 """
 # Columns added after the first release: a data dir made by it gains them on open.
 _ADDED = {"stage": "TEXT", "progress": "TEXT", "summary": "TEXT", "hint": "TEXT"}
+
+def page_cursor(key: tuple[float, str]) -> str:
+    """The opaque cursor of a page key (:meth:`Store.page_jobs`), for a URL."""
+    return base64.urlsafe_b64encode(f"{key[0]!r}/{key[1]}".encode()).decode().rstrip("=")
+
+
+def page_key(cursor: str) -> tuple[float, str] | None:
+    """The page key of a cursor :func:`page_cursor` made; None for anything else."""
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("/", 1)
+        return float(created), job_id
+    except (ValueError, UnicodeDecodeError):
+        return None
+
 
 HEARTBEAT_S = 5.0
 """How often a worker process writes its row in ``workers``."""

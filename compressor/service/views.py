@@ -82,11 +82,25 @@ def progress_of(events: list[dict[str, Any]], status: str) -> JobProgress:
     elif status in TERMINAL:
         task, eta = None, None
     return JobProgress(fraction=fraction, stage=stage, task=task, done=done, total=total, eta_seconds=eta, log=log,
-                    last=max((ev["n"] for ev in events), default=0))
+                    last=max((ev.get("n", 0) for ev in events), default=0))
 
 
 def job_progress(store: Store, job: Job) -> JobProgress:
+    """From the job's events: the job page's progress and its log of notes and warnings."""
     return progress_of(read_events(store.job_dir(job.id) / "events.jsonl"), job.status)
+
+
+def table_progress(job: Job) -> JobProgress:
+    """From the job table's ``stage`` and ``progress`` (the worker folds the events into them every 0.5 s):
+    the jobs list's bars, without reading any job's files."""
+    p = job.progress or {}
+    done, total = int(p.get("done") or 0), p.get("total") or None
+    events = [{"type": "stage_started", "name": job.stage}] if job.stage else []
+    if p:
+        events += [{"type": "task_started", "description": p.get("task"), "total": total},
+                   {"type": "task_progress", "description": p.get("task"), "done": done, "total": total,
+                    "eta_seconds": p.get("eta_s")}]
+    return progress_of(events, job.status)
 
 
 def out_dir(store: Store, job: Job) -> Path | None:
@@ -142,12 +156,17 @@ class Row:
     target: str
     progress: JobProgress
     run: Any
-    """The run's :class:`~compressor.compare.RunSummary`, or None."""
+    """The run's :class:`~compressor.compare.RunSummary` (job page), or the job table's ``summary`` (jobs
+    list: the same ``speedup_batch*`` names); None before the run has a report."""
     age: str
 
 
-def row(store: Store, job: Job, *, now: float | None = None) -> Row:
+def row(store: Store, job: Job, *, now: float | None = None, detail: bool = False) -> Row:
+    """A job as the pages show it. ``detail`` (the job page): progress and log from its events, figures
+    from its report; else (the jobs list) from the job table alone."""
     f = store.get_file(job.owner, job.model_file)
     return Row(job=job, model=f["name"] if f else job.model_file, arch=str(job.options.get("arch", "")),
-               target=target(job.options), progress=job_progress(store, job), run=summary(store, job),
+               target=target(job.options),
+               progress=job_progress(store, job) if detail else table_progress(job),
+               run=summary(store, job) if detail else job.summary,
                age=age((now or time.time()) - job.created))

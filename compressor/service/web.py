@@ -24,11 +24,13 @@ from compressor.errors import CompressorError
 from . import views
 from .auth import COOKIE, CSRF_HEADER, check_csrf, check_same_origin, csrf_token, owner_of, request_owner
 from .errors import NotFound, Unauthorized
-from .store import TERMINAL, Store
+from .store import TERMINAL, Store, page_cursor, page_key
 
 HERE = Path(__file__).resolve().parent
 STATIC = {"style.css": "text/css", "job.js": "text/javascript", "submit.js": "text/javascript",
           "list.js": "text/javascript"}
+JOBS_PER_PAGE = 50
+"""Jobs on one page of the jobs list (newest first; a link leads to older ones)."""
 PLOT_ORDER = ("channels", "shares", "accuracy", "latency", "latency_search", "stability")
 # The pages run only their own script and styles; a job's report (its own page) runs nothing at all.
 PAGE_CSP = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; frame-src 'self'; "
@@ -103,12 +105,15 @@ def router(store: Store, config: Any) -> APIRouter:
         return response
 
     @r.get("/ui/")
-    def jobs_page(request: Request) -> Response:
+    def jobs_page(request: Request, cursor: Optional[str] = None) -> Response:
         who = viewer(request)
         if who is None:
             return to_login(request)
-        rows = [views.row(store, j) for j in reversed(store.list_jobs(who))]
-        return render(request, "jobs.html", who=who, rows=rows, active=any(x.job.status not in TERMINAL for x in rows))
+        key = page_key(cursor) if cursor else None
+        page, after = store.page_jobs(who, limit=JOBS_PER_PAGE, after=key)
+        rows = [views.row(store, j) for j in page]
+        return render(request, "jobs.html", who=who, rows=rows, active=any(x.job.status not in TERMINAL for x in rows),
+                      older=page_cursor(after) if after else None, newest=cursor is not None)
 
     @r.get("/ui/jobs/{job_id}")
     def job_page(request: Request, job_id: str) -> Response:
@@ -118,7 +123,7 @@ def router(store: Store, config: Any) -> APIRouter:
         job = store.get_job(job_id, who)
         if job is None:
             return failed(request, NotFound(f"no job {job_id}"))
-        row = views.row(store, job)
+        row = views.row(store, job, detail=True)
         out = views.out_dir(store, job)
         artifacts = sorted(p.name for p in out.iterdir() if p.is_file()) if out else []
         plots = []
