@@ -217,7 +217,9 @@ def draw_latency(report: dict[str, Any]) -> Drawn | None:
         for key, value in (("original", o), ("compressed", c), ("original_spread", so), ("compressed_spread", sc),
                            ("speedup", num(v.get("speedup")))):
             series[key].append(value)
-        yerr = [[0 if math.isnan(s) else s / 2 for s in (so, sc)]] * 2
+        half = [0 if math.isnan(s) else s / 2 for s in (so, sc)]
+        # a spread wider than the median would draw the bar's whisker below zero: a time is never negative
+        yerr = [[h if math.isnan(v) else min(h, v) for h, v in zip(half, (o, c))], half]
         ax.bar([0, 1], [o, c], yerr=yerr, capsize=6, color=[BEFORE, AFTER])
         ax.set_xticks([0, 1], ["original", "compressed"])
         speed = num(v.get("speedup"))

@@ -163,6 +163,11 @@ def test_latency_comes_from_the_report(report):
     ax = drawn.figure.axes[1]
     assert ax.patches[1].get_height() == 77.5
     assert drawn.series["compressed_spread"][1] == 5.0
+    # a spread wider than the median: the whisker stops at zero, it does not draw a negative time
+    changed["latency_ms"]["batch64"]["compressed_spread"] = 400.0
+    ax = plots.draw_latency(changed).figure.axes[1]
+    lows = [seg[:, 1].min() for coll in ax.collections for seg in coll.get_segments()]
+    assert lows and min(lows) == 0.0
 
 
 def test_latency_search_comes_from_the_report(report):
