@@ -10,8 +10,10 @@ tiny ResNet-20 (4 classes, 16x16 grey, the tests' size) and 60 images, with 3 ti
 smallest honest job. ``sqlite`` runs ``compressor serve --workers W`` (the embedded worker, W job slots);
 ``redis`` starts ``redis-server`` on a free loopback port, ``serve --workers 0 --broker ...`` and W
 ``compressor worker`` processes of one slot each. Before the jobs, the clients poll for ``--baseline-s``
-a job canceled while queued (so nothing of ours runs): the API's latency on the machine as it is. Writes
-one JSON object to ``--out`` (and stdout).
+a job canceled while queued (so nothing of ours runs): the API's latency on the machine as it is. While the
+short jobs run, one more client keeps a training job going (``--training-epochs`` of fine-tuning on the same
+data, submitted back to back and canceled when the short jobs are done), so that the GETs are also measured
+while a job trains. Writes one JSON object to ``--out`` (and stdout).
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ def main() -> None:
     ap.add_argument("--poll", type=float, default=0.5, help="seconds between a client's GETs of its job")
     ap.add_argument("--baseline-s", type=float, default=30.0,
                     help="seconds the clients poll before any job runs: the API's latency on the machine as it is")
+    ap.add_argument("--training-epochs", type=int, default=150,
+                    help="epochs of the training jobs kept running beside the short ones (0: none)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops what it started
@@ -201,11 +205,39 @@ def main() -> None:
                             break
                         time.sleep(args.poll)
 
+        short_done = threading.Event()
+        trained: list[str] = []
+
+        def trainer() -> None:
+            """One training job at a time, back to back, until the short jobs are done (then the last is canceled)."""
+            with httpx.Client(base_url=url, timeout=60) as c:
+                while not short_done.is_set():
+                    options = dict(OPTIONS, epochs=args.training_epochs)
+                    r = c.post("/v1/jobs", json={"model": ids[".pt"], "data": ids[".npz"], "options": options})
+                    r.raise_for_status()
+                    trained.append(r.json()["id"])
+                    canceled = False
+                    while c.get(f"/v1/jobs/{trained[-1]}").json()["status"] not in TERMINAL:
+                        if short_done.wait(1.0) and not canceled:
+                            canceled = c.post(f"/v1/jobs/{trained[-1]}/cancel").status_code == 200
+                        elif canceled:
+                            time.sleep(0.5)
+
+        training = threading.Thread(target=trainer) if args.training_epochs > 0 else None
+        if training:
+            training.start()
         with cf.ThreadPoolExecutor(args.clients) as ex:
             results = [x for part in ex.map(client, range(args.clients)) for x in part]
         wall = time.time() - t0
+        short_done.set()
+        if training:
+            training.join()
         submitted = [job_id for job_id, _ in results]
         listed = all_jobs(url)
+        training_jobs = [j for j in listed if j["id"] in set(trained)]
+        listed = [j for j in listed if j["id"] not in set(trained)]
+        spans = [(j["started"], j["finished"] or time.time()) for j in training_jobs if j["started"]]
+        while_training = [ms for when, ms, _ in gets if any(a <= when <= b for a, b in spans)]
         by_id = {j["id"]: j for j in listed}
         runs = {}  # how many times each job's process ran, from the job's own files
         for job_id in submitted:
@@ -240,13 +272,21 @@ def main() -> None:
             "get_ms_p99": percentile([ms for _, ms, _ in gets], 99),
             "get_ms_max": round(max(ms for _, ms, _ in gets), 1),
             "gets_while_jobs_ran": len(while_running), "get_ms_p99_while_jobs_ran": percentile(while_running, 99),
+            "training_jobs": len(training_jobs), "training_epochs": args.training_epochs,
+            "training_jobs_succeeded": sum(j["status"] == "succeeded" for j in training_jobs),
+            "training_jobs_lost": len(set(trained) - {j["id"] for j in training_jobs}),
+            "share_of_wall_with_a_job_training": round(sum(b - a for a, b in spans) / wall, 3) if spans else 0.0,
+            "gets_while_a_job_trained": len(while_training),
+            "get_ms_p50_while_a_job_trained": percentile(while_training, 50),
+            "get_ms_p99_while_a_job_trained": percentile(while_training, 99),
             "gets_answering_running": len(seen_running), "get_ms_p50_answering_running": percentile(seen_running, 50),
             "get_ms_p99_answering_running": percentile(seen_running, 99),
             "machine": f"{os.cpu_count()} cores, CPU execution provider, shared with other sessions",
             "load_average_before": [round(x, 1) for x in load_before],
             "load_average_after": [round(x, 1) for x in os.getloadavg()],
             "date": started_at.strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "nice -n 10 .venv/bin/python bench/service_load.py " + " ".join(sys.argv[1:]),
+            "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "") + ".venv/bin/python bench/service_load.py "
+                       + " ".join(sys.argv[1:]),
         }
         text = json.dumps(out, indent=1)
         print(text)
