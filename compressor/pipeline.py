@@ -186,7 +186,8 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
     with clock.stage("trace"):
         traced = _trace(config, loaded, events)
     with clock.stage("prune"):
-        resolved = resolve(traced.graph, config, criterion=loaded.criterion, data=loaded.data, progress=events)
+        resolved = resolve(traced.graph, config, criterion=loaded.criterion, data=loaded.data, progress=events,
+                           device=device)
         acc_original = ft.accuracy(loaded.model.model, loaded.data)
         run = _run(config, loaded, traced, resolved, device, events)
         run.start(loaded.schedule)
@@ -243,7 +244,8 @@ def _trace(config: CompressConfig, loaded: Loaded, events: EventStream) -> Trace
 
 def _run(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Resolved, device: torch.device,
          events: EventStream) -> schedules.Run:
-    return schedules.Run(original=loaded.model.model, data=loaded.data, config=config, criterion=loaded.criterion,
+    return schedules.Run(original=loaded.model.model, data=loaded.data, config=config,
+                         criterion=resolved.criterion or loaded.criterion,
                          settings=_finetune_settings(config, loaded.data), device=device, progress=events, graph=traced.graph,
                          target=resolved.flops_ratio, round_to=resolved.round_to, floor=resolved.floor)
 

@@ -124,6 +124,7 @@ def _raw_dict(r: CompressResult) -> dict[str, Any]:
         "model": r.model,
         "data": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r.data).items()},
         "criterion": r.criterion,
+        "criterion_choice": r.resolved.choice.to_dict() if r.resolved is not None and r.resolved.choice else None,
         "flops": {"original": p.original.macs, "compressed": p.pruned.macs, "target_ratio": p.target_ratio,
                   "achieved_ratio": p.achieved_ratio, "min_reachable_ratio": p.min_reachable_ratio,
                   "unit": "MACs (torch-pruning count_ops_and_params, batch 1)"},
@@ -232,8 +233,11 @@ def to_markdown(r: CompressResult) -> str:
     d = _raw_dict(r)
     lines = [f"# Compression report: {r.model.get('source', '')}", "",
              f"Target {r.prune.target_ratio:g} of the original FLOPs, criterion `{r.criterion}`"
+             + (f" (chose `{r.resolved.choice.chosen}`)" if r.resolved is not None and r.resolved.choice else "")
              + (f", schedule `{r.schedule.name}`" if r.schedule else "") + "; "
              f"achieved {r.prune.achieved_ratio:.4f}.", ""]
+    if r.resolved is not None and r.resolved.choice:
+        lines += [r.resolved.choice.reason() + ".", ""]
     lines += [f"> **WARNING: {w}**" for w in alerts(r)]
     lines += ["", "| | original | compressed | change |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in table_rows(r)]

@@ -21,4 +21,18 @@ class NeedsGradients(ReverseIndex):
     needs_gradients = True
 
 
+class LargestFirst:
+    """Group L2 turned upside down: the channels with the largest weights are pruned first."""
+
+    needs_gradients = False
+
+    def __init__(self) -> None:
+        from compressor.criteria import get_criterion
+
+        self._l2 = get_criterion("l2")
+
+    def __call__(self, group) -> torch.Tensor:
+        return 1.0 / (self._l2(group) + 1e-6)
+
+
 NOT_A_CLASS = 42
