@@ -479,6 +479,8 @@ def test_nproc_per_node_passes_through_and_is_checked(tmp_path, tiny_files):
     assert "must be at least --nproc-per-node 2" in bad(nproc_per_node=2, batch_size=1)["options"]
     assert "has the wrong type" in bad(nproc_per_node="two")["nproc_per_node"]
     assert "names a module to import" in bad(criterion="os:system")["criterion"]
+    auto = bad(criterion="auto", criterion_options={"candidates": "l2,os:system"})
+    assert "name a module to import" in auto["criterion_options"]
     assert [j["id"] for j in client.get("/v1/jobs").json()] == [job_id]  # nothing else was queued
 
 

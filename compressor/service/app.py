@@ -72,6 +72,10 @@ def check_options(options: Any, allow_arch: tuple[str, ...], *, max_nproc: int =
             # package.module:Class would make the worker import a module the request names
             what = "criteria" if key == "criterion" else "schedules"
             errors[key] = f"{value!r} names a module to import; the service runs registered {what} only"
+        elif key == "criterion_options" and ":" in str(value.get("candidates", "")):
+            # --criterion auto's candidates are criteria too: the same rule
+            errors[key] = (f"candidates {value['candidates']!r} name a module to import; the service runs "
+                           "registered criteria only")
         else:
             try:
                 kw = dict(base, **{key: tuple(value) if isinstance(value, list) else value})
