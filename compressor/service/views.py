@@ -1,9 +1,11 @@
-"""What the web pages show of a job: its progress, read from its ``events.jsonl``, and its figures, read from
-the run's ``report.json`` (through :func:`compressor.compare.load_run`, the reader behind ``compressor compare``).
+"""What the web pages show of a job: on the jobs list, its progress and figures from the job table (which
+the worker keeps current); on the job page, its progress and log from its ``events.jsonl`` and its figures
+from the run's ``report.json`` (through :func:`compressor.compare.load_run`, the reader behind
+``compressor compare``).
 
-The events are read in both forms a job may have written: the service's progress lines (``kind``: stage,
-task, advance, done, note, ...) and the library's typed events (``type``: stage_started, task_progress, ...).
-The job page's script (``static/job.js``) reads the live stream the same way.
+The events are read in both forms a job may have written: the service's progress lines of its first
+release (``kind``: stage, task, advance, done, note, ...) and the library's typed events (``type``:
+stage_started, task_progress, ...). The job page's script (``static/job.js``) reads the live stream the same way.
 """
 
 from __future__ import annotations
