@@ -104,10 +104,10 @@ class OnnxTimer:
 
     def __call__(self, model: nn.Module) -> LatencyMeasurement:
         from .export import to_onnx_bytes
-        from .validate import interleaved_times, iqr, open_session
+        from .validate import SETTLE, interleaved_times, iqr, open_session
 
         candidate = open_session(to_onnx_bytes(model, self.example_input), device=self.device)
-        o, c = interleaved_times([self.original, candidate], self.feed, runs=self.runs)
+        o, c = interleaved_times([self.original, candidate], self.feed, runs=self.runs, settle=SETTLE)
         per_round = [ci / oi for oi, ci in zip(o, c)]
         return LatencyMeasurement(ratio=statistics.median(per_round), spread=iqr(per_round) / math.sqrt(len(per_round)),
                                   original_ms=statistics.median(o), compressed_ms=statistics.median(c))

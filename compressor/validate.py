@@ -200,15 +200,29 @@ def feed_for(sample: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
     return {INPUT_NAME: sample.repeat(reps, 1, 1, 1)[:batch].numpy()}
 
 
-def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs: int, warmup: int = 5,
-                      check: Callable[[], None] | None = None) -> list[list[float]]:
-    """Milliseconds of ``runs`` runs of each session on ``feed``, timed interleaved so drift hits all alike.
+SETTLE = 0.01
+"""Timing two models stops early once the per-round ratio (second / first) is known to within 1%: its
+interquartile range over sqrt(rounds), an estimate of its median's standard error, is at most this
+fraction of the median (after MIN_ROUNDS rounds). Large models settle in a few rounds; tiny ones, whose
+times are mostly noise, run every round they were given."""
+MIN_ROUNDS = 5
+WARMUP_S = 1.0
+"""Warm-up stops after this many seconds of a session's runs (at least one run), or after ``warmup`` runs."""
 
-    The order rotates from one round to the next, so no session always runs on a warmer cache.
+
+def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs: int, warmup: int = 5,
+                      check: Callable[[], None] | None = None, settle: float | None = None) -> list[list[float]]:
+    """Milliseconds of up to ``runs`` runs of each session on ``feed``, timed interleaved so drift hits all alike.
+
+    The order rotates from one round to the next, so no session always runs on a warmer cache. ``settle``
+    (two sessions): stop once the ratio of their times is that precise (see :data:`SETTLE`).
     """
-    for _ in range(warmup):
-        for session in sessions:
+    for session in sessions:
+        start = time.perf_counter()
+        for _ in range(warmup):
             session.run(None, feed)
+            if time.perf_counter() - start > WARMUP_S:
+                break
     times: list[list[float]] = [[] for _ in sessions]
     for i in range(runs):
         if check is not None:
@@ -219,6 +233,10 @@ def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs:
             t = time.perf_counter()
             sessions[k].run(None, feed)
             times[k].append((time.perf_counter() - t) * 1e3)
+        if settle is not None and len(sessions) == 2 and i + 1 >= MIN_ROUNDS and i + 1 < runs:
+            ratios = [c / o for o, c in zip(*times)]
+            if iqr(ratios) / math.sqrt(len(ratios)) <= settle * statistics.median(ratios):
+                break
     return times
 
 
@@ -231,9 +249,10 @@ def iqr(values: list[float]) -> float:
 def latency(original: Any, compressed: Any, sample: torch.Tensor, *, batch: int, runs: int, warmup: int = 5,
             check: Callable[[], None] | None = None) -> Latency:
     """Median latency of both sessions on one batch, timed interleaved."""
-    o, c = interleaved_times([original, compressed], feed_for(sample, batch), runs=runs, warmup=warmup, check=check)
+    o, c = interleaved_times([original, compressed], feed_for(sample, batch), runs=runs, warmup=warmup, check=check,
+                             settle=SETTLE)
     return Latency(batch=batch, original_ms=statistics.median(o), compressed_ms=statistics.median(c),
-                   original_spread_ms=iqr(o), compressed_spread_ms=iqr(c), runs=runs)
+                   original_spread_ms=iqr(o), compressed_spread_ms=iqr(c), runs=len(o))
 
 
 def validate(

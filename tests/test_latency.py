@@ -263,8 +263,8 @@ def test_a_model_pruning_cannot_speed_up_is_flagged_loudly(tmp_path, monkeypatch
     # reports are made to say exactly that: both sessions really run, and both get the original's times.
     real = validate.interleaved_times
 
-    def alike(sessions, feed, *, runs, warmup=5, check=None):
-        times = real(sessions, feed, runs=runs, warmup=warmup, check=check)
+    def alike(sessions, feed, *, runs, warmup=5, check=None, settle=None):
+        times = real(sessions, feed, runs=runs, warmup=warmup, check=check, settle=settle)
         return [times[0]] * len(times)
 
     monkeypatch.setattr(validate, "interleaved_times", alike)
@@ -313,3 +313,39 @@ def test_the_default_multiple_is_lowered_where_the_target_needs_finer_widths(tin
 
     # An explicit multiple is the user's: kept, and the search says the target is unreachable with it.
     assert latency.fit_round_to(coupling, make_config(target_flops=floor16 - 0.05, round_to=16)) == (16, None)
+
+
+# -- how many rounds the timing takes ---------------------------------------------------------------------------
+
+
+class _Session:
+    """A session whose run takes ``ms`` (a list: one per call, cycled) on the fake clock."""
+
+    def __init__(self, clock: list[float], ms: list[float]) -> None:
+        self.clock, self.ms, self.calls = clock, ms, 0
+
+    def run(self, *_):
+        self.clock[0] += self.ms[self.calls % len(self.ms)] / 1e3
+        self.calls += 1
+
+
+@pytest.mark.parametrize(("compressed_ms", "settle", "rounds"), [
+    ([5.0], validate.SETTLE, validate.MIN_ROUNDS),  # a steady ratio is known after the minimum
+    ([2.0, 8.0], validate.SETTLE, 40),  # a ratio that swings 4x never settles: every round runs
+    ([5.0], None, 40),  # without settle, the rounds asked for
+])
+def test_timing_stops_once_the_ratio_is_known(monkeypatch, compressed_ms, settle, rounds):
+    clock = [0.0]
+    monkeypatch.setattr(validate.time, "perf_counter", lambda: clock[0])
+    original, compressed = _Session(clock, [10.0]), _Session(clock, compressed_ms)
+    o, c = validate.interleaved_times([original, compressed], {}, runs=40, warmup=5, settle=settle)
+    assert len(o) == len(c) == rounds
+    assert original.calls == rounds + 5  # the warm-up: 5 runs of 10 ms, under WARMUP_S
+
+
+def test_warm_up_stops_after_its_time_budget(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(validate.time, "perf_counter", lambda: clock[0])
+    slow = _Session(clock, [validate.WARMUP_S * 1e3 * 0.6])  # each run takes 0.6 of the warm-up budget
+    validate.interleaved_times([slow], {}, runs=1, warmup=5)
+    assert slow.calls == 2 + 1  # two warm-up runs pass the budget, then the timed one
