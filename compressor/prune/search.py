@@ -16,7 +16,7 @@ from ..errors import TargetUnreachableError
 from ..graph import CouplingGraph, regroup
 from .apply import _pruned_graph_by_tracing, apply_plan, copy_graph, pruned_graph
 from .plan import Chunk, LayerChange, PruneResult, _chunks, _plan, head_changes, min_units, unit_round_to
-from .screen import BROKEN_PRUNE, Floor, screen_groups, unreachable
+from .screen import BROKEN_PRUNE, Floor, held_back, screen_groups, unreachable
 
 TOLERANCE = 0.01
 """The achieved FLOPs ratio must lie in [target * (1 - TOLERANCE), target]."""
@@ -129,7 +129,8 @@ def search(
                                              + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
             _, floor_ratio = probe(order)
     if floor_ratio > target_ratio:
-        raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction)
+        raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction,
+                          held=held_back(graph, {graph.groups[g].root: why for g, why in unsafe.items()}))
 
     lo, hi = 0, len(order)  # ratio(lo) > target >= ratio(hi)
     while hi - lo > 1:
