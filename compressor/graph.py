@@ -249,8 +249,9 @@ def _running(model: nn.Module) -> Iterator[list[str]]:
         stack.append(names.get(module, type(module).__name__))
 
     def leave(module, args, out):
-        if stack:
-            stack.pop()
+        name = names.get(module, type(module).__name__)
+        while stack and stack.pop() != name:  # a forward that caught an error of an inner one left it on the stack
+            pass
 
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
@@ -265,12 +266,13 @@ def _where(exc: BaseException, stack: list[str]) -> str:
     torch-pruning function that did after the forward."""
     frames = traceback.extract_tb(exc.__traceback__)
     last = frames[-1] if frames else None
-    if stack:  # still inside the forward: the module that raised
+    pruner = [i for i, f in enumerate(frames) if f"{os.sep}torch_pruning{os.sep}" in f.filename]
+    forward = [i for i, f in enumerate(frames) if f.filename.endswith(f"nn{os.sep}modules{os.sep}module.py")]
+    if stack and forward and (not pruner or forward[-1] > pruner[-1]):  # inside a forward: the module that raised
         line = f" (`{last.line}` in {Path(last.filename).name})" if last is not None and last.line else ""
         return f"in the forward of module {stack[-1] or 'the model'}{line}"
-    ours = [f for f in frames if f"{os.sep}torch_pruning{os.sep}" in f.filename]
-    if ours:
-        return f"in torch-pruning's {ours[-1].name} (after the forward)"
+    if pruner:
+        return f"in torch-pruning's {frames[pruner[-1]].name} (after the forward)"
     return "after the forward"
 
 

@@ -134,7 +134,7 @@ class _Unmappable:
 
 _unmappable = _Unmappable("its channels pass through a reshape torch-pruning cannot map (a channel shuffle?)")
 _unmappable_concat = _Unmappable("its channels meet a concatenation whose inputs' widths torch-pruning cannot "
-                                 "infer (an input that is not a layer's output: a slice, an interpolation, a view)")
+                                 "infer (a residual add or a slice as an input, as in cross-stage-partial blocks)")
 
 
 def _block(node, mapping: _Unmappable, slot: int) -> None:
