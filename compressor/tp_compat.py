@@ -158,6 +158,29 @@ class _BoundedFlatten:
         return self.inner(idxs)
 
 
+MAX_GROUP_STEPS = 5_000
+"""Steps (edges followed) torch-pruning may take to build one group. Where a group's channels reach a
+layer through overlapping channel ranges (slices: ReXNet's partial residual adds ``x[:, :C] + y``), its
+walk revisits layers with ever new index sets and does not end in any time a user waits for (each
+step also costs time in proportion to the group). The largest groups of timm's zoo take about 1,100
+(CaiT's residual stream, DenseNet-121's about 530)."""
+_steps = [0]
+
+
+class _CountedTrigger:
+    """A dependency's ``is_triggered_by``, counting the steps of the group being built."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, fn) -> bool:
+        _steps[0] += 1
+        if _steps[0] > MAX_GROUP_STEPS:
+            raise UnmappedReshape(f"torch-pruning's walk over its coupled layers did not end within {MAX_GROUP_STEPS} "
+                                  "steps (overlapping channel slices, as in partial residual adds x[:, :C] + y?)")
+        return self.inner(fn)
+
+
 class Graph(tp.DependencyGraph):
     """torch-pruning's dependency graph with our index mappings (see the module docstring)."""
 
@@ -176,10 +199,17 @@ class Graph(tp.DependencyGraph):
         flatten = sys.modules[_INDEX_MAPPING]._FlattenIndexMapping
         for node in self.module2node.values():
             for dep in node.dependencies:
+                if not isinstance(dep.__dict__.get("is_triggered_by"), _CountedTrigger):
+                    dep.is_triggered_by = _CountedTrigger(dep.is_triggered_by)
                 for i, mapping in enumerate(dep.index_mapping):
                     if isinstance(mapping, flatten):
                         dep.index_mapping[i] = _BoundedFlatten(mapping)
         self._mapping_key = key
+
+    def get_pruning_group(self, module, pruning_fn, idxs):
+        """torch-pruning's, within :data:`MAX_GROUP_STEPS` (an :class:`UnmappedReshape` past them)."""
+        _steps[0] = 0
+        return super().get_pruning_group(module, pruning_fn, idxs)
 
     def _update_reshape_index_mapping(self, original, node) -> None:
         # A channel shuffle's view(b, groups, c // groups, h, w) makes torch-pruning divide by zero, in
