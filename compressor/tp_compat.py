@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -164,7 +165,12 @@ layer through overlapping channel ranges (slices: ReXNet's partial residual adds
 walk revisits layers with ever new index sets and does not end in any time a user waits for (each
 step also costs time in proportion to the group). The largest groups of timm's zoo take about 1,100
 (CaiT's residual stream, DenseNet-121's about 530)."""
+MAX_GROUP_SECONDS = 5.0
+"""CPU seconds torch-pruning may take to build one group (the largest of timm's zoo take milliseconds);
+past them the group is left unpruned. Where index lists grow through flattens (EfficientViT-MSRA's
+cascaded attention), a walk of few steps can compare ever longer index lists."""
 _steps = [0]
+_deadline = [0.0]
 
 
 class _CountedTrigger:
@@ -178,6 +184,9 @@ class _CountedTrigger:
         if _steps[0] > MAX_GROUP_STEPS:
             raise UnmappedReshape(f"torch-pruning's walk over its coupled layers did not end within {MAX_GROUP_STEPS} "
                                   "steps (overlapping channel slices, as in partial residual adds x[:, :C] + y?)")
+        if time.process_time() > _deadline[0]:
+            raise UnmappedReshape(f"torch-pruning's walk over its coupled layers took more than {MAX_GROUP_SECONDS:g} "
+                                  "CPU seconds (channel indices multiplied through reshapes and attention splits)")
         return self.inner(fn)
 
 
@@ -207,8 +216,9 @@ class Graph(tp.DependencyGraph):
         self._mapping_key = key
 
     def get_pruning_group(self, module, pruning_fn, idxs):
-        """torch-pruning's, within :data:`MAX_GROUP_STEPS` (an :class:`UnmappedReshape` past them)."""
-        _steps[0] = 0
+        """torch-pruning's, within :data:`MAX_GROUP_STEPS` and :data:`MAX_GROUP_SECONDS` (an
+        :class:`UnmappedReshape` past them)."""
+        _steps[0], _deadline[0] = 0, time.process_time() + MAX_GROUP_SECONDS
         return super().get_pruning_group(module, pruning_fn, idxs)
 
     def _update_reshape_index_mapping(self, original, node) -> None:
