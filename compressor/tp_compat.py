@@ -245,6 +245,13 @@ class Graph(tp.DependencyGraph):
         """Why ``group`` cannot be pruned where torch-pruning mapped its channels past a layer's width
         (a concatenation, split or reshape it mapped wrongly; pruning or scoring it raises an
         ``IndexError``), naming the first such layer; None where every index is in range."""
+        root_width = len(group[0].idxs)
+        for item in group.items:
+            roots = [r for r in (getattr(item, "root_idxs", None) or ()) if r is not None]
+            if roots and max(roots) >= root_width:
+                name = names.get(item.dep.target.module, type(item.dep.target.module).__name__)
+                return (f"torch-pruning maps the channels of {name} back past the group's {root_width} channels "
+                        f"(index {max(roots)}: a concatenation, split or reshape it maps wrongly)")
         for dep, idxs in group:
             module = dep.target.module
             if not idxs or module not in self.module2node or self.get_pruner_of_module(module) is None:
