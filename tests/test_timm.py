@@ -64,9 +64,11 @@ EXPECTED: dict[str, str | tuple[str, str]] = {
     "pvt_v2": PASS,
     "regnet": PASS,
     "resnet": PASS,
+    "senet": PASS,
     "swin_transformer": _FLOOR,
     "tiny_vit": PASS,
     "vision_transformer": PASS,
+    "vovnet": PASS,
     "xcit": _FLOOR,
 }
 SLOW = {"coat", "convit", "convmixer", "crossvit", "deit", "efficientvit_mit", "fastvit", "hrnet", "levit", "metaformer",

@@ -178,8 +178,13 @@ def search(
 
         return chosen, model, ratio, off_multiple
 
-    for _ in range(len(graph.groups) + 1):
+    for attempt in range(len(graph.groups) + 1):
         try:
+            if attempt:  # groups were left out: the floor without them
+                _, floor_ratio = probe(order)
+                if floor_ratio > target_ratio:
+                    raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction,
+                                      held=held_back(graph, {graph.groups[g].root: why for g, why in unsafe.items()}))
             chosen, model, ratio, off_multiple = settle(order)
             break
         except BROKEN_PRUNE as exc:
@@ -195,10 +200,9 @@ def search(
             if not order:
                 raise TargetUnreachableError("nothing in the model can be pruned without breaking it: "
                                              + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
-            _, floor_ratio = probe(order)
-            if floor_ratio > target_ratio:
-                raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction,
-                                  held=held_back(graph, {graph.groups[g].root: why for g, why in unsafe.items()})) from None
+    else:
+        raise GraphError("pruning keeps breaking the model: " + ", ".join(graph.groups[g].root for g in unsafe),
+                         hint="protect the layers named (--protect)")
 
     plan = _plan(chosen)
     pruned_cost = flops.measure(model, graph.example_input)
