@@ -14,8 +14,13 @@ removes whole heads (their q, k and v rows and the matching inputs of the output
 from __future__ import annotations
 
 import math
+import os
+import traceback
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch_pruning as tp
@@ -26,7 +31,7 @@ from . import tp_compat, watchdog
 from .attention import (_attention_modules, _head_blocks, _head_module, attention_heads, drop_heads,  # noqa: F401
                         head_shape, patch_attention)
 from .config import check_attention_pruning
-from .errors import GraphError
+from .errors import GraphError, one_line
 from .progress import Progress
 from .tp_compat import MAX_GROUP_INDICES, ROOT_TYPES, UnmappedReshape, unwrapped_parameters  # noqa: F401 (re-exported)
 
@@ -126,6 +131,19 @@ def _is_grouped_conv(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv1d, nn.Conv2d)) and 1 < m.groups < m.in_channels
 
 
+def _multiplier_conv(dg: tp.DependencyGraph, group: tp.Group, names: dict[nn.Module, str]) -> str | None:
+    """Why ``group`` cannot be pruned where its channels are the inputs of a depthwise convolution with
+    a channel multiplier (``groups == in_channels < out_channels``: FastViT's, MobileOne's): torch-pruning
+    prunes it as a plain convolution and indexes one input-channel slice per kept channel (an ``IndexError``)."""
+    for dep, _ in group:
+        m = dep.target.module
+        if (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == m.in_channels > 1 and m.out_channels != m.in_channels
+                and dg.is_in_channel_pruning_fn(dep.handler)):
+            return (f"its channels feed {names.get(m, type(m).__name__)}, a depthwise convolution with a channel "
+                    f"multiplier ({m.in_channels} -> {m.out_channels}), which torch-pruning cannot prune")
+    return None
+
+
 def _channel_groups(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[nn.Module, int]) -> int:
     blocks = set(_heads_in(dg, group, num_heads).values())
     blocks |= _conv_groups(group)
@@ -208,15 +226,54 @@ def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str,
     for name in protect:
         protected.setdefault(name, "protected by the user")
     dg = tp_compat.Graph()
+    dg.adopt(model)
     unwrapped = unwrapped_parameters(model, dg)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _running(model) as stack:
             warnings.simplefilter("ignore")
             dg = dg.build_dependency(model, example_inputs=example_input[:1], verbose=False,
                                      unwrapped_parameters=unwrapped)
-    except Exception as exc:  # the model's own forward runs in there: any failure of it is the model's
-        raise GraphError(f"torch-pruning could not trace the model: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # the stage boundary: the model's own forward runs in there, and torch-pruning's analysis
+        raise GraphError(f"torch-pruning could not trace the model: {_where(exc, stack)}: {one_line(exc, 200)}",
+                         hint="protect the module named (--protect), or report the model") from exc
     return _grouped(model, dg, example_input[:1], protected, attention_pruning)
+
+
+@contextmanager
+def _running(model: nn.Module) -> Iterator[list[str]]:
+    """The names of the modules whose forward is running, innermost last (while the trace runs)."""
+    stack: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def enter(module, args):
+        stack.append(names.get(module, type(module).__name__))
+
+    def leave(module, args, out):
+        name = names.get(module, type(module).__name__)
+        while stack and stack.pop() != name:  # a forward that caught an error of an inner one left it on the stack
+            pass
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _where(exc: BaseException, stack: list[str]) -> str:
+    """Where a trace failed: the module whose forward raised it (with the line of code), or the
+    torch-pruning function that did after the forward."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    last = frames[-1] if frames else None
+    pruner = [i for i, f in enumerate(frames) if f"{os.sep}torch_pruning{os.sep}" in f.filename]
+    forward = [i for i, f in enumerate(frames) if f.filename.endswith(f"nn{os.sep}modules{os.sep}module.py")]
+    if stack and forward and (not pruner or forward[-1] > pruner[-1]):  # inside a forward: the module that raised
+        line = f" (`{last.line}` in {Path(last.filename).name})" if last is not None and last.line else ""
+        return f"in the forward of module {stack[-1] or 'the model'}{line}"
+    if pruner:
+        return f"in torch-pruning's {frames[pruner[-1]].name} (after the forward)"
+    return "after the forward"
 
 
 def regroup(graph: CouplingGraph) -> CouplingGraph:
@@ -245,6 +302,10 @@ def _grouped(model: nn.Module, dg: tp.DependencyGraph, example_input: torch.Tens
             failed[group[0].dep.target.module] = f"torch-pruning cannot map its channels ({type(exc).__name__}: {exc})"
             continue
         if group is None:
+            continue
+        broken = dg.out_of_range(group, names) or _multiplier_conv(dg, group, names)
+        if broken is not None:
+            failed[group[0].dep.target.module] = broken
             continue
         root_dep = group[0].dep
         root = root_dep.target.module

@@ -55,7 +55,8 @@ def resolve(graph: CouplingGraph, config: CompressConfig, *, criterion: Criterio
         progress.note(rounding.note)
     floor = rounding.floor
     if config.target_flops is not None and floor.ratio > config.target_flops:
-        raise pruning.unreachable(config.target_flops, floor.ratio, max_prune_fraction=config.max_prune_per_group)
+        raise pruning.unreachable(config.target_flops, floor.ratio, max_prune_fraction=config.max_prune_per_group,
+                                  held=pruning.held_back(graph, floor.unsafe_by_root(graph)))
     flops_ratio, search = latency.resolve_target(graph, config, criterion=criterion, data=data,
                                                  round_to=rounding.round_to, progress=progress, floor=floor)
     choice = chosen = None

@@ -336,7 +336,9 @@ class Run:
             self.floor = pruning.floor(self.graph(), max_prune_fraction=self.config.max_prune_per_group,
                                        round_to=self.round_to or 1)
         if self.floor.ratio > self.target:
-            raise pruning.unreachable(self.target, self.floor.ratio, max_prune_fraction=self.config.max_prune_per_group)
+            graph = self.graph()
+            raise pruning.unreachable(self.target, self.floor.ratio, max_prune_fraction=self.config.max_prune_per_group,
+                                      held=pruning.held_back(graph, self.floor.unsafe_by_root(graph)))
         self.model.train()
         schedule.begin(self)
 

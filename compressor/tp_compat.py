@@ -10,6 +10,10 @@ offer are done here, on our own :class:`Graph` (a ``DependencyGraph`` subclass) 
   recorded and skipped instead of ending the listing;
 - a deep copy of a traced graph that shares the pruner instances torch-pruning compares by identity.
 
+- a concatenation whose input widths torch-pruning cannot infer (its trace ends in a ``TypeError``)
+  made impassable, and groups whose channels it maps past a layer's width found before they are
+  scored or pruned (:meth:`Graph.out_of_range`).
+
 torch-pruning calls its index-mapping functions as module globals, so a graph cannot carry its own.
 The first :class:`Graph` therefore puts forwarders in their place: they call torch-pruning's own
 functions, unchanged, for every graph that is not one of ours. Importing ``compressor`` changes
@@ -24,6 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -48,7 +53,8 @@ trace takes many GB of memory."""
 _INDEX_MAPPING = "torch_pruning.dependency.index_mapping"
 PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
     # module -> names read there
-    _INDEX_MAPPING: ("update_index_mapping", "update_reshape_index_mapping", "_FlattenIndexMapping"),
+    _INDEX_MAPPING: ("update_index_mapping", "update_reshape_index_mapping", "update_concat_index_mapping",
+                     "_FlattenIndexMapping"),
     "torch_pruning.dependency.graph": ("index_mapping",),
     "torch_pruning.ops": ("OPTYPE", "module2type"),
 }
@@ -117,8 +123,27 @@ def _check() -> None:
 # -- per-graph index mappings ---------------------------------------------------------------------------
 
 
-def _unmappable(idxs):
-    raise UnmappedReshape("its channels pass through a reshape torch-pruning cannot map (a channel shuffle?)")
+class _Unmappable:
+    """An index mapping that refuses: the group's channels cross an op torch-pruning cannot map."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def __call__(self, idxs):
+        raise UnmappedReshape(self.why)
+
+
+_unmappable = _Unmappable("its channels pass through a reshape torch-pruning cannot map (a channel shuffle?)")
+_unmappable_concat = _Unmappable("its channels meet a concatenation whose inputs' widths torch-pruning cannot "
+                                 "infer (a residual add or a slice as an input, as in cross-stage-partial blocks)")
+
+
+def _block(node, mapping: _Unmappable, slot: int) -> None:
+    """Make every edge of ``node`` (both directions) refuse through ``mapping`` at ``index_mapping[slot]``."""
+    edges = list(node.dependencies) + [d for n in node.inputs + node.outputs for d in n.dependencies
+                                       if d.target is node]
+    for dep in edges:
+        dep.index_mapping[slot] = mapping
 
 
 class _BoundedFlatten:
@@ -132,6 +157,37 @@ class _BoundedFlatten:
             raise UnmappedReshape(f"its channel indices multiply past {MAX_GROUP_INDICES} through reshapes "
                                   "(window partitions?); torch-pruning cannot map them in bounded memory")
         return self.inner(idxs)
+
+
+MAX_GROUP_STEPS = 5_000
+"""Steps (edges followed) torch-pruning may take to build one group. Where a group's channels reach a
+layer through overlapping channel ranges (slices: ReXNet's partial residual adds ``x[:, :C] + y``), its
+walk revisits layers with ever new index sets and does not end in any time a user waits for (each
+step also costs time in proportion to the group). The largest groups of timm's zoo take about 1,100
+(CaiT's residual stream, DenseNet-121's about 530)."""
+MAX_GROUP_SECONDS = 5.0
+"""CPU seconds torch-pruning may take to build one group (the largest of timm's zoo take milliseconds);
+past them the group is left unpruned. Where index lists grow through flattens (EfficientViT-MSRA's
+cascaded attention), a walk of few steps can compare ever longer index lists."""
+_steps = [0]
+_deadline = [0.0]
+
+
+class _CountedTrigger:
+    """A dependency's ``is_triggered_by``, counting the steps of the group being built."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, fn) -> bool:
+        _steps[0] += 1
+        if _steps[0] > MAX_GROUP_STEPS:
+            raise UnmappedReshape(f"torch-pruning's walk over its coupled layers did not end within {MAX_GROUP_STEPS} "
+                                  "steps (overlapping channel slices, as in partial residual adds x[:, :C] + y?)")
+        if time.process_time() > _deadline[0]:
+            raise UnmappedReshape(f"torch-pruning's walk over its coupled layers took more than {MAX_GROUP_SECONDS:g} "
+                                  "CPU seconds (channel indices multiplied through reshapes and attention splits)")
+        return self.inner(fn)
 
 
 class Graph(tp.DependencyGraph):
@@ -152,10 +208,18 @@ class Graph(tp.DependencyGraph):
         flatten = sys.modules[_INDEX_MAPPING]._FlattenIndexMapping
         for node in self.module2node.values():
             for dep in node.dependencies:
+                if not isinstance(dep.__dict__.get("is_triggered_by"), _CountedTrigger):
+                    dep.is_triggered_by = _CountedTrigger(dep.is_triggered_by)
                 for i, mapping in enumerate(dep.index_mapping):
                     if isinstance(mapping, flatten):
                         dep.index_mapping[i] = _BoundedFlatten(mapping)
         self._mapping_key = key
+
+    def get_pruning_group(self, module, pruning_fn, idxs):
+        """torch-pruning's, within :data:`MAX_GROUP_STEPS` and :data:`MAX_GROUP_SECONDS` (an
+        :class:`UnmappedReshape` past them)."""
+        _steps[0], _deadline[0] = 0, time.process_time() + MAX_GROUP_SECONDS
+        return super().get_pruning_group(module, pruning_fn, idxs)
 
     def _update_reshape_index_mapping(self, original, node) -> None:
         # A channel shuffle's view(b, groups, c // groups, h, w) makes torch-pruning divide by zero, in
@@ -164,10 +228,41 @@ class Graph(tp.DependencyGraph):
         try:
             original(self, node)
         except (ArithmeticError, IndexError, ValueError):
-            edges = list(node.dependencies) + [d for n in node.inputs + node.outputs for d in n.dependencies
-                                               if d.target is node]
-            for dep in edges:
-                dep.index_mapping[0] = _unmappable
+            _block(node, _unmappable, 0)
+
+    def _update_concat_index_mapping(self, original, node) -> None:
+        # A concatenation of which some input's width cannot be inferred (CSP blocks, CoaT's class token
+        # over sliced maps) makes torch-pruning sum None into the widths, ending the trace with a
+        # TypeError: the concatenation is made impassable instead, and the groups reaching it unpruned.
+        try:
+            original(self, node)
+        except TypeError:
+            if node.module.concat_sizes is None or None not in node.module.concat_sizes:
+                raise
+            _block(node, _unmappable_concat, 1)
+
+    def out_of_range(self, group: tp.Group, names: dict[nn.Module, str]) -> str | None:
+        """Why ``group`` cannot be pruned where torch-pruning mapped its channels past a layer's width
+        (a concatenation, split or reshape it mapped wrongly; pruning or scoring it raises an
+        ``IndexError``), naming the first such layer; None where every index is in range."""
+        root_width = len(group[0].idxs)
+        for item in group.items:
+            roots = [r for r in (getattr(item, "root_idxs", None) or ()) if r is not None]
+            if roots and max(roots) >= root_width:
+                name = names.get(item.dep.target.module, type(item.dep.target.module).__name__)
+                return (f"torch-pruning maps the channels of {name} back past the group's {root_width} channels "
+                        f"(index {max(roots)}: a concatenation, split or reshape it maps wrongly)")
+        for dep, idxs in group:
+            module = dep.target.module
+            if not idxs or module not in self.module2node or self.get_pruner_of_module(module) is None:
+                continue
+            out = self.is_out_channel_pruning_fn(dep.handler)
+            width = self.get_out_channels(module) if out else self.get_in_channels(module)
+            if width is not None and max(idxs) >= width:
+                name = names.get(module, type(module).__name__)
+                return (f"torch-pruning maps its channels past the {'outputs' if out else 'inputs'} of {name} "
+                        f"(index {max(idxs)} of {width}: a concatenation, split or reshape it maps wrongly)")
+        return None
 
     def all_groups(self, ignored: list[nn.Module], failed: dict[nn.Module, str]) -> Iterator[tp.Group]:
         """torch-pruning's ``get_all_groups`` over :data:`ROOT_TYPES`, except that a root whose group
@@ -194,6 +289,14 @@ class Graph(tp.DependencyGraph):
             if not out_modules & set(ignored):
                 yield group
 
+    def adopt(self, model: nn.Module) -> None:
+        """Register our pruners for the layers of ``model`` that torch-pruning's own would break:
+        a ``GroupNorm`` with a weight and no bias (MetaFormer's, timm's ``GroupNorm1(bias=False)``),
+        whose missing bias torch-pruning indexes (an ``AttributeError`` in the prune)."""
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm) and m.affine and m.bias is None and type(m) not in self.CUSTOMIZED_PRUNERS:
+                self.register_customized_layer(type(m), _BiaslessGroupNormPruner())
+
     def unwrapped(self) -> list[tuple[nn.Parameter, int]]:
         """The parameters no pruner owns, each with its pruned dimension, as the trace recorded them."""
         return [(p, dim) for p, dim in self.unwrapped_parameters]
@@ -208,6 +311,20 @@ class Graph(tp.DependencyGraph):
             shared += [fn.__self__ for dep in node.dependencies for fn in (dep.trigger, dep.handler)
                        if hasattr(fn, "__self__")]
         return {id(obj): obj for obj in shared if obj is not None}
+
+
+class _BiaslessGroupNormPruner(tp.pruner.function.GroupNormPruner):
+    """torch-pruning's ``GroupNorm`` pruner, for norms whose weight or bias may be missing."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: list) -> nn.Module:
+        keep = sorted(set(range(layer.num_channels)) - set(idxs))
+        layer.num_channels = len(keep)
+        for name in ("weight", "bias"):
+            if getattr(layer, name, None) is not None:
+                setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 0))
+        return layer
+
+    prune_in_channels = prune_out_channels
 
 
 def unwrapped_parameters(model: nn.Module, dg: tp.DependencyGraph) -> list[tuple[nn.Parameter, int]]:
@@ -259,12 +376,13 @@ _ORIGINALS: dict[str, Any] = {}
 
 
 def _install_forwarders() -> None:
-    """Put, once per process, forwarders in place of the two index-mapping functions: ours for a
+    """Put, once per process, forwarders in place of the three index-mapping functions: ours for a
     :class:`Graph`, torch-pruning's own, untouched, for any other graph."""
     if _ORIGINALS:
         return
     module = sys.modules[_INDEX_MAPPING] if _INDEX_MAPPING in sys.modules else importlib.import_module(_INDEX_MAPPING)
     update, reshape = module.update_index_mapping, module.update_reshape_index_mapping
+    concat = module.update_concat_index_mapping
 
     @functools.wraps(update)
     def update_index_mapping(graph):
@@ -278,6 +396,14 @@ def _install_forwarders() -> None:
             return graph._update_reshape_index_mapping(reshape, node)
         return reshape(graph, node)
 
-    _ORIGINALS.update(update_index_mapping=update, update_reshape_index_mapping=reshape)
+    @functools.wraps(concat)
+    def update_concat_index_mapping(graph, node):
+        if isinstance(graph, Graph):
+            return graph._update_concat_index_mapping(concat, node)
+        return concat(graph, node)
+
+    _ORIGINALS.update(update_index_mapping=update, update_reshape_index_mapping=reshape,
+                      update_concat_index_mapping=concat)
     module.update_index_mapping = update_index_mapping
     module.update_reshape_index_mapping = update_reshape_index_mapping
+    module.update_concat_index_mapping = update_concat_index_mapping

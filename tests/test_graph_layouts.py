@@ -3,10 +3,12 @@ and grouped convolutions. (ShuffleNet's channel shuffle is in ``test_torchvision
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from compressor import criteria, graph, pruning
+from compressor.errors import GraphError, TargetUnreachableError
 
 from helpers_arch import HardCodedWidth
 
@@ -85,3 +87,114 @@ def test_a_group_that_breaks_the_forward_is_left_unpruned_and_reported():
     assert 0.495 <= result.achieved_ratio <= 0.5
     with torch.no_grad():
         assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+# -- layouts found on timm's zoo (tests/test_timm.py) ----------------------------------------------------
+
+
+class CrossStage(nn.Module):
+    """A cross-stage-partial block (timm's CSPNet ``CrossStage3``): a split, one half through a residual
+    block, concatenated back. torch-pruning cannot infer the width of the residual add at the
+    concatenation (its trace ends in a TypeError, summing None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv_exp = nn.Conv2d(32, 64, 1)
+        self.block = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.transition = nn.Conv2d(64, 64, 1)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.conv_exp(torch.relu(self.stem(x))).split(32, dim=1)
+        x1 = self.block(x1) + x1
+        return self.head(self.transition(torch.cat([x1, x2], dim=1)).mean((2, 3)))
+
+
+class BiaslessGroupNorm(nn.Module):
+    """A GroupNorm with a weight and no bias (timm's MetaFormer norms): torch-pruning's pruner indexes the bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 64, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 64)
+        self.norm.register_parameter("bias", None)
+        self.conv2 = nn.Conv2d(64, 64, 3, padding=1)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv2(torch.relu(self.norm(self.conv(x)))).mean((2, 3)))
+
+
+class MultiplierDepthwise(nn.Module):
+    """A depthwise convolution with a channel multiplier (FastViT's, MobileOne's): groups == in_channels
+    < out_channels, which torch-pruning prunes as a plain convolution (an IndexError when scored)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+        self.body = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.dw(self.conv(x))).mean((2, 3)))
+
+
+def _stock(model: nn.Module, example: torch.Tensor):
+    import torch_pruning as tp
+
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+
+
+def test_a_concatenation_of_unknown_widths_no_longer_ends_the_trace():
+    model, example = CrossStage().eval(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(TypeError):  # stock torch-pruning: sum() over a None width
+        _stock(model, example)
+    coupling = graph.trace(model, example)
+    for name in ("conv_exp", "block.0"):  # the split's and the residual's channels: left unpruned, named
+        assert "concatenation" in coupling.protected[name]
+    scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
+    with pytest.raises(TargetUnreachableError, match=r"left unpruned: conv_exp \(its channels meet a concatenation"):
+        pruning.search(coupling, scores, target_ratio=0.5, max_prune_fraction=0.75)
+    pruned, result = pruning.search(coupling, scores, target_ratio=0.75, max_prune_fraction=0.75)
+    assert 0.7425 <= result.achieved_ratio <= 0.75
+    assert pruned(example).shape == (1, 3)
+
+
+def test_a_groupnorm_without_bias_is_pruned():
+    model, example = BiaslessGroupNorm().eval(), torch.randn(1, 3, 16, 16)
+    coupling, pruned, result = _prune_half(model, example)
+    assert "conv" in {s.root for s in coupling.groups}
+    assert 0.48 <= result.achieved_ratio <= 0.5
+    assert pruned.norm.weight.shape[0] == pruned.norm.num_channels < 64 and pruned.norm.bias is None
+    assert pruned(example).shape == (1, 3)
+
+
+def test_channels_into_a_depthwise_convolution_with_a_multiplier_are_protected_and_named():
+    model, example = MultiplierDepthwise().eval(), torch.randn(1, 3, 16, 16)
+    coupling = graph.trace(model, example)
+    assert "depthwise convolution with a channel multiplier" in coupling.protected["conv"]
+    assert "dw" in coupling.protected["conv"]
+    scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))  # stock: IndexError in the importance
+    pruned, result = pruning.search(coupling, scores, target_ratio=0.5, max_prune_fraction=0.75)
+    assert 0.495 <= result.achieved_ratio <= 0.5
+    assert pruned.conv.out_channels == 8
+
+
+class _GradOnly(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("this block runs only without autograd")
+        return x
+
+
+def test_a_forward_failing_in_the_trace_names_the_module_and_the_line():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _GradOnly(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(GraphError) as caught:
+        graph.trace(model.eval(), torch.randn(1, 3, 8, 8))
+    message = str(caught.value)
+    assert "in the forward of module 1" in message and "raise RuntimeError" in message
+    assert "RuntimeError: this block runs only without autograd" in message
+    assert "\n" not in message

@@ -8,7 +8,7 @@ import torch
 
 from .. import flops
 from ..criteria import ChannelCosts, Criterion, needs_channel_costs
-from ..errors import GraphError
+from ..errors import GraphError, one_line
 from ..graph import CouplingGraph
 from .apply import pruned_copy
 from .plan import PruningPlan
@@ -23,8 +23,14 @@ def score_groups(graph: CouplingGraph, criterion: Criterion, *, costs: list[floa
         criterion.set_channel_costs(ChannelCosts.of_graph(graph, costs if costs is not None else channel_costs(graph)))
     scores = []
     for spec in graph.groups:
-        with torch.no_grad():
-            imp = criterion(graph.tp_group(spec))
+        group = graph.tp_group(spec)
+        try:
+            with torch.no_grad():
+                imp = criterion(group)
+        except (IndexError, RuntimeError) as exc:  # the stage boundary: an index torch-pruning mapped wrongly
+            raise GraphError(f"scoring the group of {spec.root!r} failed: {one_line(exc, 160)} (torch-pruning maps "
+                             f"its channels through {', '.join(spec.layers[1:4]) or spec.root} in a way the criterion "
+                             "cannot follow)", hint=f"protect {spec.root} (--protect {spec.root})") from exc
         if imp is None:
             imp = torch.full((spec.size,), float("inf"))  # the criterion abstains: never prune this group
         imp = imp.detach().float().cpu().flatten()

@@ -44,18 +44,39 @@ def screen_groups(graph: CouplingGraph, order: list[Chunk]) -> dict[int, str]:
     """The groups whose pruning breaks the model (index or shape errors torch-pruning does not
     foresee: head counts, shape constants in a reshape), group index -> why.
 
-    Called once every group pruned to its cap failed: each group is tried alone, one probe each.
+    Called once every group pruned to its cap failed: each group is tried alone, one probe each; where
+    the rest still breaks the model together, a bisection over them finds the group that completes the
+    break, which is left out too (named with the groups it breaks the model with), until the rest is fine.
     """
     unsafe = {}
     for g in sorted({g for g, _ in order}):
         why = _breaks(graph, [c for c in order if c[0] == g])
         if why is not None:
             unsafe[g] = why
-    rest = [c for c in order if c[0] not in unsafe]
-    why = _breaks(graph, rest)
-    if why is not None:
-        raise GraphError(f"pruning breaks the model although each group alone does not ({why})",
-                         hint="protect the layers involved (they interact through a shape the pruner cannot see)")
+    safe = sorted({g for g, _ in order} - set(unsafe))
+    for _ in range(len(safe)):
+        rest = [c for c in order if c[0] in safe]
+        why = _breaks(graph, rest)
+        if why is None:
+            return unsafe
+        # The smallest prefix of the groups that breaks the model: its last group breaks it together
+        # with the ones before it; leave that one unpruned and look again.
+        lo, hi = 1, len(safe)  # safe[:lo] alone is fine (each group is), safe[:hi] breaks
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _breaks(graph, [c for c in order if c[0] in safe[:mid]]) is None:
+                lo = mid
+            else:
+                hi = mid
+        culprit = safe[hi - 1]
+        partners = ", ".join(graph.groups[g].root for g in safe[: hi - 1][-3:])
+        unsafe[culprit] = f"breaks the model when pruned together with {partners} ({why})"
+        safe.remove(culprit)
+    if safe and _breaks(graph, [c for c in order if c[0] in safe]) is not None:
+        raise GraphError("pruning breaks the model although each group alone does not: "
+                         + ", ".join(graph.groups[g].root for g in safe),
+                         hint="protect the layers named (--protect): they interact through a shape the pruner "
+                              "cannot see")
     return unsafe
 
 
@@ -86,12 +107,27 @@ class Floor:
         return {graph.groups[g].root: why for g, why in self.unsafe.items()}
 
 
-def unreachable(target: float, floor: float, *, max_prune_fraction: float) -> TargetUnreachableError:
-    """The error of a FLOPs target below the smallest reachable ratio (the one builder of it)."""
+def held_back(graph: CouplingGraph, unsafe_by_root: dict[str, str]) -> dict[str, str]:
+    """The layers a floor leaves unpruned and why: the protected ones (but the classifier, which no
+    one can prune) and the groups whose pruning breaks the model."""
+    held = {name: why for name, why in graph.protected.items() if not why.startswith("classifier")}
+    return held | unsafe_by_root
+
+
+def unreachable(target: float, floor: float, *, max_prune_fraction: float,
+                held: dict[str, str] | None = None) -> TargetUnreachableError:
+    """The error of a FLOPs target below the smallest reachable ratio (the one builder of it), naming
+    up to three of the ``held`` layers (name -> why it stays unpruned) that keep the floor up."""
+    named = ""
+    if held:
+        shown = [f"{name} ({why})" for name, why in list(held.items())[:3]]
+        more = f"; and {len(held) - 3} more" if len(held) > 3 else ""
+        named = f"; left unpruned: {'; '.join(shown)}{more}"
     return TargetUnreachableError(
         f"--target-flops {target:g} is unreachable: the smallest reachable ratio is {floor:.3f} "
-        f"(at most {max_prune_fraction:.0%} of each group's channels can be removed)",
-        hint=f"ask for {math.ceil(floor * 1000) / 1000:g} or more, or raise --max-prune-per-group")
+        f"(at most {max_prune_fraction:.0%} of each group's channels can be removed){named}",
+        hint=f"ask for {math.ceil(floor * 1000) / 1000:g} or more, or raise --max-prune-per-group"
+             + (", or protect fewer layers" if held else ""))
 
 
 def floor(graph: CouplingGraph, *, max_prune_fraction: float, round_to: int = 1,

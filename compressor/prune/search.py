@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from .. import flops
-from ..errors import TargetUnreachableError
+from ..errors import GraphError, TargetUnreachableError, one_line
 from ..graph import CouplingGraph, regroup
 from .apply import _pruned_graph_by_tracing, apply_plan, copy_graph, pruned_graph
 from .plan import Chunk, LayerChange, PruneResult, _chunks, _plan, head_changes, min_units, unit_round_to
-from .screen import BROKEN_PRUNE, Floor, screen_groups, unreachable
+from .screen import BROKEN_PRUNE, Floor, held_back, screen_groups, unreachable
 
 TOLERANCE = 0.01
 """The achieved FLOPs ratio must lie in [target * (1 - TOLERANCE), target]."""
@@ -89,8 +89,11 @@ def search(
 
     closest: list = [None, -1.0]  # the plan closest below the target seen so far, and its ratio
 
+    tried: list = [[]]  # the chunks of the latest probe
+
     def probe(chunks: list[Chunk]) -> tuple[nn.Module, float]:
         nonlocal probes
+        tried[0] = list(chunks)
         key = tuple(sorted(chunks))
         if key not in cache:
             probes += 1
@@ -129,46 +132,77 @@ def search(
                                              + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
             _, floor_ratio = probe(order)
     if floor_ratio > target_ratio:
-        raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction)
+        raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction,
+                          held=held_back(graph, {graph.groups[g].root: why for g, why in unsafe.items()}))
 
-    lo, hi = 0, len(order)  # ratio(lo) > target >= ratio(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        _, r = probe(order[:mid])
-        if r <= target_ratio:
-            hi = mid
-        else:
-            lo = mid
-    chosen = order[:hi]
-    model, ratio = probe(chosen)
-    lower = target_ratio * (1 - TOLERANCE)
-    if ratio < lower:
-        # The last step was a big one. Keep it, and take later, smaller steps instead; a group whose
-        # step was skipped takes no later steps (they would keep a worse channel than they remove).
-        base, skipped = order[:lo], set()
-        for extra in order[hi : hi + _MAX_REFINE_PROBES]:
-            if extra[0] in skipped:
-                continue
-            m, r = probe(base + [extra])
-            if lower <= r <= target_ratio:
-                chosen, model, ratio = base + [extra], m, r
-                break
-            if r > target_ratio:
-                base = base + [extra]
+    def settle(order: list[Chunk]) -> tuple[list[Chunk], nn.Module, float, list[str]]:
+        off_multiple: list[str] = []
+        lo, hi = 0, len(order)  # ratio(lo) > target >= ratio(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            _, r = probe(order[:mid])
+            if r <= target_ratio:
+                hi = mid
             else:
-                skipped.add(extra[0])
-        else:
-            found = _fill(base, scores, graph.groups, probe, lower=lower, target=target_ratio,
-                          max_fraction=max_prune_fraction, original_units=original_units or {})
-            if found is not None:
-                chosen, model, ratio, touched = found
-                off_multiple = [graph.groups[g].root for g in touched
-                                if unit_round_to(graph.groups[g], round_to) > 1]
+                lo = mid
+        chosen = order[:hi]
+        model, ratio = probe(chosen)
+        lower = target_ratio * (1 - TOLERANCE)
+        if ratio < lower:
+            # The last step was a big one. Keep it, and take later, smaller steps instead; a group whose
+            # step was skipped takes no later steps (they would keep a worse channel than they remove).
+            base, skipped = order[:lo], set()
+            for extra in order[hi : hi + _MAX_REFINE_PROBES]:
+                if extra[0] in skipped:
+                    continue
+                m, r = probe(base + [extra])
+                if lower <= r <= target_ratio:
+                    chosen, model, ratio = base + [extra], m, r
+                    break
+                if r > target_ratio:
+                    base = base + [extra]
+                else:
+                    skipped.add(extra[0])
             else:
-                # No plan lands in the window (single units of the groups left are too coarse, as after
-                # earlier prunes): the closest one below the target that any probe found.
-                chosen = closest[0] if closest[0] is not None else chosen
-                model, ratio = probe(chosen)
+                found = _fill(base, scores, graph.groups, probe, lower=lower, target=target_ratio,
+                              max_fraction=max_prune_fraction, original_units=original_units or {})
+                if found is not None:
+                    chosen, model, ratio, touched = found
+                    off_multiple = [graph.groups[g].root for g in touched
+                                    if unit_round_to(graph.groups[g], round_to) > 1]
+                else:
+                    # No plan lands in the window (single units of the groups left are too coarse, as after
+                    # earlier prunes): the closest one below the target that any probe found.
+                    chosen = closest[0] if closest[0] is not None else chosen
+                    model, ratio = probe(chosen)
+
+        return chosen, model, ratio, off_multiple
+
+    for attempt in range(len(graph.groups) + 1):
+        try:
+            if attempt:  # groups were left out: the floor without them
+                _, floor_ratio = probe(order)
+                if floor_ratio > target_ratio:
+                    raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction,
+                                      held=held_back(graph, {graph.groups[g].root: why for g, why in unsafe.items()}))
+            chosen, model, ratio, off_multiple = settle(order)
+            break
+        except BROKEN_PRUNE as exc:
+            # A combination of widths the first probe did not try breaks the model (a head count or a
+            # reshape's constant that only some widths fit): find the groups of the failing plan that
+            # break it, leave them unpruned, and search again.
+            found = screen_groups(graph, tried[0])
+            if not found:  # the same plan does not fail twice: the model's forward is not deterministic
+                raise GraphError(f"pruning broke the model once and not again ({one_line(exc, 160)})",
+                                 hint="make the model's forward deterministic in eval mode") from exc
+            unsafe.update(found)
+            order = [c for c in order if c[0] not in unsafe]
+            if not order:
+                raise TargetUnreachableError("nothing in the model can be pruned without breaking it: "
+                                             + "; ".join(f"{graph.groups[g].root}: {why}" for g, why in unsafe.items())) from None
+    else:
+        raise GraphError("pruning keeps breaking the model: " + ", ".join(graph.groups[g].root for g in unsafe),
+                         hint="protect the layers named (--protect)")
 
     plan = _plan(chosen)
     pruned_cost = flops.measure(model, graph.example_input)

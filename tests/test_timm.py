@@ -1,0 +1,189 @@
+"""timm's zoo: the smallest model of each architecture family through trace -> score -> prune to half the
+FLOPs -> ONNX -> onnxruntime parity, or one of our typed refusals naming a layer or construct.
+
+The families and their smallest models come from ``timm.list_models()`` at collection time
+(``bench/timm_families.py``, shared with ``bench/timm_matrix.py``, whose table this file's
+expectations were read from); random weights, 10 classes, the smallest input each model accepts.
+Every family is either in :data:`EXPECTED` (with the outcome it must have: a regression either way
+fails) or in :data:`NOT_RUN` with the reason, so a family a new timm adds fails until it is placed.
+The selection is cached per timm version in pytest's cache (counting candidates' parameters on the
+meta device takes about a minute).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.timm_families import families, select  # noqa: E402
+from bench.timm_matrix import run_family  # noqa: E402
+
+PASS = "pass"
+_FLOOR = ("TargetUnreachableError", r"smallest reachable ratio is 0\.\d+ .*left unpruned: [\w.]+ \(")
+"""A floor above 0.5 that names the layers it leaves unpruned, each with why."""
+EXPECTED: dict[str, str | tuple[str, str]] = {
+    "byobnet": PASS,
+    "coat": _FLOOR,
+    "convit": _FLOOR,
+    "convmixer": PASS,
+    "convnext": PASS,
+    "cpubone": PASS,
+    "crossvit": _FLOOR,
+    "cspnet": PASS,
+    "cspnext": PASS,
+    "deit": PASS,
+    "dla": PASS,
+    "edgenext": PASS,
+    "efficientnet": PASS,
+    "efficientvit_mit": PASS,
+    "eva": ("TargetUnreachableError", r"nothing in the model can be pruned without breaking it: blocks\.\d+\.mlp\.fc2: "),
+    "fastvit": PASS,
+    "fasternet": PASS,
+    "gcvit": ("TargetUnreachableError", r"nothing in the model can be pruned without breaking it: [\w.]+: "),
+    "hardcorenas": PASS,
+    "hgnet": PASS,
+    "inception_next": PASS,
+    "lcnetv2": PASS,
+    "mambaout": ("GraphError", r"scoring the group of '[\w.]+' failed: .* through [\w.]+"),
+    "hrnet": PASS,
+    "levit": PASS,
+    "maxxvit": PASS,
+    "metaformer": PASS,
+    "mlp_mixer": _FLOOR,
+    "mobilenetv3": PASS,
+    "mobilevit": PASS,
+    "nfnet": PASS,
+    "pvt_v2": PASS,
+    "regnet": PASS,
+    "resnet": PASS,
+    "senet": PASS,
+    "swin_transformer": _FLOOR,
+    "tiny_vit": PASS,
+    "vision_transformer": PASS,
+    "vovnet": PASS,
+    "xcit": _FLOOR,
+}
+SLOW = {"coat", "convit", "gcvit", "convmixer", "crossvit", "deit", "efficientvit_mit", "fastvit", "hrnet", "levit", "metaformer",
+        "mlp_mixer", "mobilevit", "pvt_v2", "swin_transformer", "tiny_vit", "xcit"}
+"""Families whose case took more than about 8 s on the shared two-core machine (marked slow; they still run
+in ``make test``). The whole matrix took about 5 minutes of CPU there (``-n 0``)."""
+_OVER_BUDGET = "passes in bench/timm_matrix.py, over the suite's time budget here"
+NOT_RUN: dict[str, str] = {
+    "beit": _OVER_BUDGET + " (beit_base_patch16_224, 26 s)",
+    "byoanet": "no-input in bench/timm_matrix.py (halonet_h1): AssertionError",
+    "cait": "refused in bench/timm_matrix.py (cait_xxs24_224): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.514 (at most 75% ",
+    "csatv2": _OVER_BUDGET + " (csatv2, 170 s)",
+    "davit": "refused in bench/timm_matrix.py (davit_tiny): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.855 (at most 75% ",
+    "deepseek_vit": "a vision-language encoder of 90M-400M parameters; not run (bench/timm_matrix.py --families deepseek_vit runs it)",
+    "densenet": _OVER_BUDGET + " (densenet121, 43 s)",
+    "dpn": _OVER_BUDGET + " (dpn48b, 140 s)",
+    "efficientformer": _OVER_BUDGET + " (efficientformer_l1, 118 s)",
+    "efficientformer_v2": _OVER_BUDGET + " (efficientformerv2_s0, 69 s)",
+    "efficientvim": "timeout in bench/timm_matrix.py (efficientvim_m1): over 90 CPU s in stage trace",
+    "efficientvit_msra": _OVER_BUDGET + " (efficientvit_m0, 99 s)",
+    "focalnet": _OVER_BUDGET + " (focalnet_tiny_srf, 41 s)",
+    "gemma4_vit": "a vision-language encoder of 90M-400M parameters; not run (bench/timm_matrix.py --families gemma4_vit runs it)",
+    "ghostnet": "refused in bench/timm_matrix.py (ghostnetv3_050): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.887 (at most 75% ",
+    "hiera": _OVER_BUDGET + " (hiera_tiny_224, 14 s)",
+    "hieradet_sam2": _OVER_BUDGET + " (sam2_hiera_tiny, 53 s)",
+    "iformer": _OVER_BUDGET + " (iformer_t, 36 s)",
+    "inception_resnet_v2": _OVER_BUDGET + " (inception_resnet_v2, 42 s)",
+    "inception_v3": _OVER_BUDGET + " (inception_v3, 12 s)",
+    "inception_v4": _OVER_BUDGET + " (inception_v4, 24 s)",
+    "lowformer": _OVER_BUDGET + " (lowformer_b0, 10 s)",
+    "mobilenetv5": "a vision-language encoder of 90M-400M parameters; not run (bench/timm_matrix.py --families mobilenetv5 runs it)",
+    "mvitv2": _OVER_BUDGET + " (mvitv2_tiny, 25 s)",
+    "naflexvit": "a vision-language encoder of 90M-400M parameters; not run (bench/timm_matrix.py --families naflexvit runs it)",
+    "nasnet": _OVER_BUDGET + " (nasnetalarge, 72 s)",
+    "nest": "refused in bench/timm_matrix.py (nest_tiny): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.601 (at most 75% ",
+    "nextvit": _OVER_BUDGET + " (nextvit_small, 30 s)",
+    "pit": "refused in bench/timm_matrix.py (pit_xs_224): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.516 (at most 75% ",
+    "pnasnet": _OVER_BUDGET + " (pnasnet5large, 44 s)",
+    "qwen3_vit": "a vision-language encoder of 90M-400M parameters; not run (bench/timm_matrix.py --families qwen3_vit runs it)",
+    "rdnet": _OVER_BUDGET + " (rdnet_tiny, 20 s)",
+    "repghost": _OVER_BUDGET + " (repghostnet_050, 6 s)",
+    "repvit": _OVER_BUDGET + " (repvit_m1, 10 s)",
+    "res2net": _OVER_BUDGET + " (res2next50, 12 s)",
+    "resnest": _OVER_BUDGET + " (resnest14d, 23 s)",
+    "resnetv2": _OVER_BUDGET + " (resnetv2_18, 3 s)",
+    "rexnet": _OVER_BUDGET + " (rexnet_100, 10 s)",
+    "selecsls": _OVER_BUDGET + " (selecsls42, 7 s)",
+    "sequencer": _OVER_BUDGET + " (sequencer2d_s, 14 s)",
+    "shvit": _OVER_BUDGET + " (shvit_s1, 12 s)",
+    "sknet": "refused in bench/timm_matrix.py (skresnet18): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.995 (at most 75% ",
+    "starnet": _OVER_BUDGET + " (starnet_s1, 4 s)",
+    "swiftformer": _OVER_BUDGET + " (swiftformer_xs, 6 s)",
+    "swin_transformer_v2": _OVER_BUDGET + " (swinv2_tiny_window16_256, 13 s)",
+    "swin_transformer_v2_cr": "refused in bench/timm_matrix.py (swinv2_cr_tiny_224): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.522 (at most 75% ",
+    "tnt": "refused in bench/timm_matrix.py (tnt_s_legacy_patch16_224): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.534 (at most 75% ",
+    "tresnet": _OVER_BUDGET + " (tresnet_m, 25 s)",
+    "twins": "refused in bench/timm_matrix.py (twins_svt_small): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.843 (at most 75% ",
+    "vgg": "refused in bench/timm_matrix.py (vgg11): ExportError: ONNX export failed (unsupported operator adaptive_avg_pool2d): Unsupported: ONNX export of operat",
+    "visformer": _OVER_BUDGET + " (visformer_tiny, 48 s)",
+    "vision_transformer_hybrid": _OVER_BUDGET + " (vit_tiny_r_s16_p8_224, 10 s)",
+    "vision_transformer_relpos": "refused in bench/timm_matrix.py (test_vit_relpos): TargetUnreachableError: --target-flops 0.5 is unreachable: the smallest reachable ratio is 0.655 (at most 75% ",
+    "vision_transformer_sam": _OVER_BUDGET + " (samvit_base_patch16_224, 23 s)",
+    "vitamin": _OVER_BUDGET + " (vitamin_small_224, 20 s)",
+    "volo": "refused in bench/timm_matrix.py (volo_d1_224): ExportError: ONNX export failed (unsupported operator aten::col2im): Exporting the operator 'aten::col2im' to ",
+    "xception": _OVER_BUDGET + " (legacy_xception, 6 s)",
+    "xception_aligned": _OVER_BUDGET + " (xception41p, 8 s)",
+}
+"""Families left out of the suite, with why (``bench/timm_matrix.py`` runs every family)."""
+
+_CACHE_KEY = f"compressor/timm_families/{timm.__version__}"
+
+
+def _selection(config: pytest.Config) -> dict[str, str]:
+    """family -> its smallest model, from pytest's cache where this timm version's selection is stored."""
+    cache = getattr(config, "cache", None)
+    stored = cache.get(_CACHE_KEY, None) if cache is not None else None
+    if stored is None or set(stored) != set(EXPECTED):
+        stored = {f.module: f.model for f in select(sorted(EXPECTED))}
+        if cache is not None:
+            cache.set(_CACHE_KEY, stored)
+    return stored
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "timm_family" not in metafunc.fixturenames:
+        return
+    chosen = _selection(metafunc.config)
+    params = [pytest.param(family, model, id=family, marks=[pytest.mark.slow] if family in SLOW else [])
+              for family, model in sorted(chosen.items()) if family in EXPECTED]
+    metafunc.parametrize(("timm_family", "timm_model"), params)
+
+
+def test_every_timm_family_is_placed():
+    """A family is either expected to pass, expected to be refused with a named reason, or left out with one."""
+    found = set(families())
+    assert not set(EXPECTED) & set(NOT_RUN)
+    assert found - set(EXPECTED) - set(NOT_RUN) == set(), "new timm families: add them to EXPECTED or NOT_RUN"
+    assert set(EXPECTED) | set(NOT_RUN) <= found, "families timm no longer has"
+    assert len(EXPECTED) >= 30
+
+
+def test_timm_family(timm_family: str, timm_model: str, record_property):
+    record = run_family(timm_model)
+    for key in ("input", "achieved_ratio", "max_abs_diff", "outcome", "error"):
+        if key in record:
+            record_property(key, record[key])  # the matrix's table, with --junitxml
+    expected = EXPECTED[timm_family]
+    assert record["outcome"] != "crash", f"{timm_model}: {record['error']} at {record.get('where')}"
+    assert record["outcome"] != "no-input", f"{timm_model}: no input size fits ({record['error']})"
+    if expected == PASS:
+        assert record["outcome"] == PASS, f"{timm_model}: {record.get('error') or record}"
+        assert 0.495 <= record["achieved_ratio"] <= 0.5
+        assert record["max_abs_diff"] <= 1e-3 * record["max_abs_logit"]
+    else:
+        kind, pattern = expected
+        assert record["outcome"] == "refused", f"{timm_model} was expected to be refused, got {record['outcome']}"
+        assert record["error"].startswith(f"{kind}: "), record["error"]
+        assert re.search(pattern, record["error"]), record["error"]
