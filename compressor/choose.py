@@ -45,7 +45,7 @@ class Choice:
         return sum(t.seconds for t in self.trials)
 
     def reason(self) -> str:
-        best = max(self.trials, key=lambda t: t.accuracy)
+        best = next(t for t in self.trials if t.criterion == self.chosen)
         others = ", ".join(f"{t.criterion} {t.accuracy:.2%}" for t in self.trials if t.criterion != self.chosen)
         return (f"--criterion auto chose {self.chosen}: {best.accuracy:.2%} {self.proxy}"
                 + (f" (against {others})" if others else "") + f"; the choice took {self.seconds:.1f} s")
@@ -72,7 +72,7 @@ def choose_criterion(graph: CouplingGraph, config: CompressConfig, data: LoadedD
     model = graph.model
     proxy = ("right after pruning" + (", batch-norm recalibration" if config.bn_recalibration else "")
              + (" and reconstruction" if config.reconstruct else "") + ", before fine-tuning")
-    trials, made = [], {}
+    trials, best_criterion = [], None
     progress.task("--criterion auto: try each candidate", len(candidates))
     for name in candidates:
         progress.check_cancel()
@@ -94,11 +94,12 @@ def choose_criterion(graph: CouplingGraph, config: CompressConfig, data: LoadedD
         acc = accuracy(pruned, data, device=device)
         trials.append(Trial(criterion=name, accuracy=acc, flops_ratio=result.achieved_ratio,
                             seconds=time.perf_counter() - start))
-        made[name] = criterion
+        if best_criterion is None or acc > max(t.accuracy for t in trials[:-1]):
+            best_criterion = criterion  # only the winner's instance is kept (it may hold calibration data)
         progress.advance(1, accuracy=acc)
         del pruned
     progress.done()
     best = max(trials, key=lambda t: t.accuracy)  # max keeps the first of equals
     choice = Choice(chosen=best.criterion, trials=trials, proxy=proxy)
     progress.note(choice.reason())
-    return choice, made[best.criterion]
+    return choice, best_criterion
