@@ -3,12 +3,14 @@ throughput against a bare torchvision ImageFolder + DataLoader loop (BENCHMARKS.
 
     python bench/images.py make --count 20000 --out /tmp/imgs       # class folders of JPEG+PNG, 64-320 px
     python bench/images.py rss --folders /tmp/imgs5k,/tmp/imgs20k    # compress --epochs 0 at 224 px, peak PSS
+    python bench/images.py rss --arch mobilenet_v3_small --extra "--epochs 1 --val-fraction 0.02" --folders ...
     python bench/images.py throughput --folder /tmp/imgs5k --images 1500
     python bench/images.py finetune --folder /tmp/imgs1k             # compress --epochs 1 (subset)
 
 The images are Fashion-MNIST's (training split of ``fmnist.py``) upscaled to random widths and heights
 of 64-320 px, half of them tinted RGB and half greyscale, half JPEG and half PNG. The model is torchvision's
-ResNet-18 with random weights and 10 classes, saved as a pickled module.
+ResNet-18 (or ``--arch``, e.g. MobileNetV3-Small) with random weights and 10 classes, saved as a pickled module.
+Runs are kept in ``results/images.json`` per (arch, extra flags, image count); a re-run replaces its own row.
 """
 
 from __future__ import annotations
@@ -89,13 +91,13 @@ def run_measured(cmd: list[str]) -> dict:
             "seconds": round(time.perf_counter() - start, 1), "tail": output[-600:] if proc.returncode else ""}
 
 
-def _model(tmp: Path) -> Path:
+def _model(tmp: Path, arch: str) -> Path:
     import torch
     import torchvision
 
     torch.manual_seed(0)
-    path = tmp / "resnet18.pt"
-    torch.save(torchvision.models.resnet18(num_classes=10).eval(), path)
+    path = tmp / f"{arch}.pt"
+    torch.save(torchvision.models.get_model(arch, num_classes=10).eval(), path)
     return path
 
 
@@ -105,14 +107,14 @@ def _compress_cmd(model: Path, folder: Path, out: Path, *extra: str) -> list[str
             "--out", str(out), "--overwrite", "--json", *extra]
 
 
-def rss(folders: list[Path], extra: list[str]) -> list[dict]:
+def rss(folders: list[Path], extra: list[str], arch: str = "resnet18") -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = _model(Path(tmp))
+        model = _model(Path(tmp), arch)
         for folder in folders:
             count = sum(1 for _ in folder.rglob("*.*"))
             row = run_measured(_compress_cmd(model, folder, Path(tmp) / "out", *extra))
-            row.update(images=count, folder=str(folder))
+            row.update(arch=arch, extra=" ".join(extra), images=count, folder=str(folder))
             print(json.dumps(row), flush=True)
             rows.append(row)
     return rows
@@ -172,6 +174,7 @@ def main() -> None:
     r = sub.add_parser("rss")
     r.add_argument("--folders", required=True)
     r.add_argument("--extra", default="--epochs 0 --val-fraction 0.02")
+    r.add_argument("--arch", default="resnet18", help="a torchvision model name (random weights, 10 classes)")
     t = sub.add_parser("throughput")
     t.add_argument("--folder", type=Path, required=True)
     t.add_argument("--images", type=int, default=1500)
@@ -188,7 +191,14 @@ def main() -> None:
         make(args.count, args.out)
         return
     if args.cmd == "rss":
-        results["rss"] = {"extra": args.extra, "runs": rss([Path(f) for f in args.folders.split(",")], args.extra.split())}
+        new = rss([Path(f) for f in args.folders.split(",")], args.extra.split(), args.arch)
+        old = results.get("rss", {}).get("runs", [])
+        for row in old:  # rows of the first release carry neither arch nor extra
+            row.setdefault("arch", "resnet18")
+            row.setdefault("extra", results["rss"].get("extra", ""))
+        key = lambda row: (row["arch"], row["extra"], row["images"])  # noqa: E731
+        replaced = {key(row) for row in new}
+        results["rss"] = {"runs": [row for row in old if key(row) not in replaced] + new}
     elif args.cmd == "throughput":
         results["throughput"] = throughput(args.folder, args.images, args.workers, args.batch, args.rounds)
     else:

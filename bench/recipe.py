@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["plain", "default"],
-                   help="plain (the torch-pruning recipe) and compress variants: default, roundN, nodistill, "
+                   help="plain (the torch-pruning recipe) and compress variants: default, roundN, nodistill, features, "
                         "reconstruct, noreconstruct, schedule:NAME, criterion:NAME, augment:NAME")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=2000)
@@ -172,7 +172,8 @@ def main() -> None:
 
 def overrides(variant: str) -> dict:
     """``CompressConfig`` fields of a variant: ``default``, ``roundN`` (``--round-to N``), ``nodistill``,
-    ``reconstruct`` / ``noreconstruct`` (``--reconstruct`` / ``--no-reconstruct``), ``lrX`` (``--lr X``),
+    ``reconstruct`` / ``noreconstruct`` (``--reconstruct`` / ``--no-reconstruct``), ``features``
+    (``--distill-features``), ``lrX`` (``--lr X``),
     ``schedule:NAME``, ``criterion:NAME``, ``augment:NAME`` (``--augment``)."""
     if variant == "default":
         return {}
@@ -180,6 +181,8 @@ def overrides(variant: str) -> dict:
         return {"round_to": int(variant[5:])}
     if variant == "nodistill":
         return {"distill": False}
+    if variant == "features":
+        return {"distill_features": True}
     if variant in ("reconstruct", "noreconstruct"):
         return {"reconstruct": variant == "reconstruct"}
     if variant.startswith("lr"):

@@ -74,6 +74,8 @@ def compress(
     distill: Annotated[bool, typer.Option(help="Distil from the original model's logits while fine-tuning.")] = True,
     distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation term; cross-entropy gets 1 - alpha.")] = 0.7,
     distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of the distillation term.")] = 4.0,
+    distill_features: Annotated[bool, typer.Option(help="Also match the original's outputs at the pruned layers, on "
+                                                   "their kept channels.")] = False,
     bn_recalibration: Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics right after pruning.")] = True,
     reconstruct: Annotated[bool, typer.Option(help="After each physical prune, re-fit every layer by least squares on "
                                               "256 training images so it gives its pre-prune outputs.")] = True,
@@ -143,7 +145,7 @@ def compress(
             from_scratch=from_scratch, max_prune_per_group=max_prune_per_group, round_to=round_to,
             attention_pruning=attention, epochs=epochs, batch_size=batch_size,
             lr=lr, optimizer=optimizer, distill=distill, distill_alpha=distill_alpha,
-            distill_temperature=distill_temperature, bn_recalibration=bn_recalibration,
+            distill_temperature=distill_temperature, distill_features=distill_features, bn_recalibration=bn_recalibration,
             reconstruct=reconstruct, val_fraction=val_fraction, seed=seed,
             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), device=device, out_dir=out_dir,
             overwrite=overwrite, trace_timeout=trace_timeout, trace_memory=trace_memory, latency_runs=latency_runs,

@@ -128,6 +128,9 @@ class CompressConfig:
     """Softmax temperature of the distillation term."""
     distill_alpha: float = 0.7
     """Weight of the distillation term (cross-entropy gets 1 - alpha)."""
+    distill_features: bool = False
+    """Also match the original model's outputs at the pruned layers, on their kept channels
+    (``finetune.FEATURE_WEIGHT``); off by default: see BENCHMARKS.md for what it bought."""
     calibration_batches: int = 8
     """Batches of fine-tuning data fed to criteria that need gradients."""
     val_fraction: float = 0.2
@@ -239,6 +242,8 @@ class CompressConfig:
         if self.batch_size < self.nproc_per_node:
             raise ConfigError(f"--batch-size {self.batch_size} is the global batch: it must be at least "
                               f"--nproc-per-node {self.nproc_per_node}")
+        if self.distill_features and self.nproc_per_node > 1:
+            raise ConfigError("--distill-features runs in one process for now; drop it or --nproc-per-node")
         if self.calibration_batches < 1:
             raise ConfigError(f"--calibration-batches must be at least 1, got {self.calibration_batches}")
         from .preprocess import check_options

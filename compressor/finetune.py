@@ -30,6 +30,8 @@ class FinetuneSettings:
     seed: int
     augment: str = "none"
     """``--augment``: none, light (random crops, flips) or strong (adds TrivialAugment, MixUp/CutMix)."""
+    features: bool = False
+    """``--distill-features``: also match the teacher's outputs at the pruned layers (:class:`FeatureMatch`)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class FinetuneResult:
     amp: str | None = None
     processes: int = 1
     """Data-parallel processes that ran the cycle (``--nproc-per-node``); throughput is theirs together."""
+    feature_layers: int = 0
+    """Pruned layers matched to the teacher's outputs at the end of the cycle (``--distill-features``)."""
+    feature_loss: float | None = None
+    """The feature term at the last step (``--distill-features``), else None."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -142,6 +148,61 @@ def one_cycle(step: int, total: int, peak: float) -> tuple[float, float]:
 
 StepHook = Callable[["Cycle"], None]
 
+FEATURE_WEIGHT = 1.0
+"""Weight of the feature term (``--distill-features``) next to the (cross-entropy + logit distillation) loss."""
+
+
+class FeatureMatch:
+    """Feature distillation at the pruned layers: the student's output at each pruned convolution or linear
+    layer is pulled towards the teacher's output at the layer of the same name, on the channels it kept.
+
+    ``kept`` maps a layer name to the indices of the teacher's output channels the student's layer keeps
+    (:func:`compressor.reconstruct.kept_outputs`, composed over a schedule's prunes); only layers that lost
+    channels take part. The term is the mean over those layers of the squared error relative to the
+    teacher's energy on the kept channels, so layers of any scale weigh alike.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, kept: dict[str, torch.Tensor]) -> None:
+        self.layers: dict[str, torch.Tensor] = {}
+        modules = dict(teacher.named_modules())
+        for name, module in student.named_modules():
+            idx = kept.get(name)
+            ref = modules.get(name)
+            if (idx is None or ref is None or type(ref) is not type(module) or not hasattr(ref, "weight")
+                    or idx.numel() != module.weight.shape[0] or idx.numel() >= ref.weight.shape[0]):
+                continue
+            self.layers[name] = idx
+        self._student: dict[str, torch.Tensor] = {}
+        self._teacher: dict[str, torch.Tensor] = {}
+        self._handles = [student.get_submodule(n).register_forward_hook(self._keep(self._student, n)) for n in self.layers]
+        self._handles += [teacher.get_submodule(n).register_forward_hook(self._keep(self._teacher, n)) for n in self.layers]
+
+    @staticmethod
+    def _keep(store: dict[str, torch.Tensor], name: str):
+        def hook(_module, _inputs, output):
+            store[name] = output
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """The feature term of the last student and teacher forwards (both must have run on the same batch)."""
+        terms = []
+        for name, idx in self.layers.items():
+            s, t = self._student.pop(name, None), self._teacher.pop(name, None)
+            if s is None or t is None:
+                continue
+            t = t.detach().float().index_select(1 if t.dim() > 2 else -1, idx.to(t.device))
+            terms.append(F.mse_loss(s.float(), t) / t.pow(2).mean().clamp_min(1e-8))
+        if not terms:
+            return torch.zeros(())
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._student.clear()
+        self._teacher.clear()
+
 
 class Cycle:
     """One OneCycle run of fine-tuning steps, which a pruning schedule can act on between steps.
@@ -170,8 +231,11 @@ class Cycle:
         # the teacher sees the very batch the student sees (same crops, flips, mixes), on the fly.
         self.soft = None
         self.teacher = None
-        if settings.distill and teacher is not None and settings.epochs > 0:
-            if settings.augment == "none":
+        self.features: FeatureMatch | None = None
+        self.feature_loss = float("nan")
+        """The last step's feature term (``settings.features``), for the record."""
+        if (settings.distill or settings.features) and teacher is not None and settings.epochs > 0:
+            if settings.augment == "none" and not settings.features:
                 teacher.to(device)
                 self.soft = predict(teacher, data.batches("train", batch_size=data.eval_batch_size()), device=device)
                 teacher.cpu()
@@ -198,8 +262,23 @@ class Cycle:
         """Epochs done, fractional."""
         return self.step / self.steps_per_epoch
 
+    def match_features(self, kept: dict[str, torch.Tensor]) -> int:
+        """With ``settings.features``, pull the current model's pruned layers towards the teacher's outputs
+        on their kept channels (:class:`FeatureMatch`; ``kept`` relative to the teacher). Returns the number
+        of layers matched (0 where there is no teacher or the setting is off)."""
+        if self.features is not None:
+            self.features.remove()
+            self.features = None
+        if not self.settings.features or self.teacher is None:
+            return 0
+        self.features = FeatureMatch(self.model, self.teacher, kept)
+        return len(self.features.layers)
+
     def replace_model(self, model: nn.Module) -> None:
         """Continue the cycle with ``model`` (a pruned version of the current one): a fresh optimiser."""
+        if self.features is not None:  # hooked on the old model; the schedule matches the new one
+            self.features.remove()
+            self.features = None
         self.model = model.to(self.device)
         self.optimizer = _optimizer(self.model, self.settings)
         self._good_state = copy.deepcopy(self.model.state_dict())
@@ -220,7 +299,7 @@ class Cycle:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.net(xb)
             loss = F.cross_entropy(logits.float(), yb)
-            if self.soft is not None or self.teacher is not None:
+            if s.distill and (self.soft is not None or self.teacher is not None):
                 t = s.temperature
                 if self.soft is not None:
                     soft = self.soft[idx].to(self.device)
@@ -230,6 +309,13 @@ class Cycle:
                 kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1),
                               reduction="batchmean", log_target=True) * t * t
                 loss = (1 - s.alpha) * loss + s.alpha * kd
+            elif self.features is not None:
+                with torch.no_grad():
+                    self.teacher.eval()(xb)
+            if self.features is not None:
+                feature = self.features.loss()
+                self.feature_loss = feature.item()
+                loss = loss + FEATURE_WEIGHT * feature.to(loss.device)
         return loss, logits
 
     def run(self, after_step: StepHook | None = None) -> FinetuneResult:
@@ -282,10 +368,16 @@ class Cycle:
         self.model.eval().cpu()
         if self.teacher is not None:
             self.teacher.cpu()
+        feature_layers, feature_loss = 0, None
+        if self.features is not None:
+            feature_layers, feature_loss = len(self.features.layers), self.feature_loss
+            self.features.remove()
+            self.features = None
         final_acc = history[-1]["val_accuracy"] if history else accuracy(self.model, data)
         return FinetuneResult(
             epochs=len(history), steps=self.step, seconds=seconds, images_per_second=seen / seconds if seconds else 0.0,
             final_loss=last_loss, val_accuracy=final_acc, history=history, stopped_early=stopped,
             amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+            feature_layers=feature_layers, feature_loss=feature_loss if feature_loss == feature_loss else None,
         )
 

@@ -153,7 +153,7 @@ def _finetune_settings(config: CompressConfig, data: LoadedData) -> ft.FinetuneS
     return ft.FinetuneSettings(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.peak_lr, optimizer=config.optimizer,
         weight_decay=config.weight_decay, distill=config.distill, temperature=config.distill_temperature,
-        alpha=config.distill_alpha, seed=config.seed, augment=augment)
+        alpha=config.distill_alpha, seed=config.seed, augment=augment, features=config.distill_features)
 
 
 def _versions() -> dict[str, str]:

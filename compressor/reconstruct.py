@@ -427,15 +427,16 @@ def _refit(name: str, module: nn.Module, x: torch.Tensor, targets: _Targets, *, 
                     applied=applied, bias=where), shift
 
 
-def after_prune(graph, plan, pruned: nn.Module, data, *, config) -> Reconstruction:
+def after_prune(graph, plan, pruned: nn.Module, data, *, config, kept: dict[str, torch.Tensor] | None = None) -> Reconstruction:
     """Reconstruct ``pruned`` (``graph.model`` pruned by ``plan``) against ``graph.model``, the model just before
-    the prune; the hook :meth:`compressor.schedules.Run.prune` calls."""
+    the prune; the hook :meth:`compressor.schedules.Run.prune` calls. ``kept``: :func:`kept_outputs` of the
+    plan where the caller has it already."""
     start = time.perf_counter()
     if plan is None:
         return Reconstruction(images=0, seconds=0.0, skipped={"(every layer)": "the pruned model did not come from "
                               "Run.plan or Run.pruned, so its kept channels are unknown"})
     try:
-        kept = kept_outputs(graph, plan)
+        kept = kept if kept is not None else kept_outputs(graph, plan)
     except RecursionError:  # too deep to copy (pruning.copy_graph): the search traced its probes instead
         return Reconstruction(images=0, seconds=time.perf_counter() - start, skipped={
             "(every layer)": "the model's graph is too deep to copy, so its kept channels could not be read off"})

@@ -34,7 +34,7 @@ from .errors import ConfigError, GraphError
 from .finetune import Cycle, FinetuneResult, FinetuneSettings, accuracy, recalibrate_bn
 from .graph import ROOT_TYPES, CouplingGraph, module_width, trace
 from .progress import Progress
-from .reconstruct import Reconstruction, after_prune
+from .reconstruct import Reconstruction, after_prune, kept_outputs
 from .registry import PluginInfo, Registry
 
 ENTRY_POINT_GROUP = "compressor.schedules"
@@ -167,8 +167,8 @@ class Run:
         model = self._graph.model
         if config.from_scratch:
             reinitialise(model)
-        self.cycle = Cycle(model, data, settings, teacher=original if config.distill else None, device=device,
-                           progress=self.progress)
+        teacher = original if config.distill or config.distill_features else None
+        self.cycle = Cycle(model, data, settings, teacher=teacher, device=device, progress=self.progress)
         self.events: list[PruneEvent] = []
         self.prune_seconds = 0.0
         """Seconds spent planning and applying prunes (the pipeline books them under "prune")."""
@@ -178,6 +178,9 @@ class Run:
         self.groups = graph.groups
         """The original model's groups (the widths every later cap counts from)."""
         self.original_units = {spec.root: spec.units for spec in self.groups}
+        self.kept_from_original: dict[str, torch.Tensor] | None = None
+        """Layer name -> the original's output channels the current model's layer keeps (``--distill-features``);
+        None before the first prune, or once a prune's kept channels are unknown."""
 
     # -- where we are ------------------------------------------------------------------------------------
 
@@ -281,13 +284,18 @@ class Run:
         if self.config.bn_recalibration and recalibrate_bn(pruned, self.data, batch_size=self.config.batch_size):
             recalibrated = accuracy(pruned, self.data, device=self.device)
         reconstruction = reconstructed = None
+        plan = self._planned[2] if self._planned is not None and self._planned[0] is pruned else None
+        kept = self._kept_channels(plan) if self.config.distill_features else None
         if self.config.reconstruct:
-            plan = self._planned[2] if self._planned is not None and self._planned[0] is pruned else None
-            reconstruction = after_prune(self.graph(), plan, pruned, self.data, config=self.config)
+            reconstruction = after_prune(self.graph(), plan, pruned, self.data, config=self.config, kept=kept)
             reconstructed = accuracy(pruned, self.data, device=self.device)
         self._graph = self._graph_of(pruned)
         self._costs = None
         self.cycle.replace_model(pruned)  # the state a non-finite loss falls back to: recalibrated
+        if self.config.distill_features:
+            matched = self.cycle.match_features(self.kept_from_original or {})
+            self.progress.note(f"feature distillation at {matched} pruned layer(s)" if self.kept_from_original is not None
+                               else "feature distillation off from here: this prune's kept channels are unknown")
         event = PruneEvent(step=self.step, epoch=round(self.cycle.epoch_progress, 3), flops_ratio=self.flops_ratio(),
                            accuracy_before=before, accuracy_after=after, accuracy_recalibrated=recalibrated,
                            reason=reason, accuracy_reconstructed=reconstructed, reconstruction=reconstruction)
@@ -298,6 +306,24 @@ class Run:
                            + (f", {reconstructed:.2%} after reconstruction ({reconstruction.summary()})"
                               if reconstruction is not None else ""))
         return event
+
+    def _kept_channels(self, plan: pruning.PruningPlan | None) -> dict[str, torch.Tensor] | None:
+        """:func:`kept_outputs` of ``plan`` (relative to the current model), and :attr:`kept_from_original`
+        brought up to date: after this prune, which of the original's output channels each layer keeps."""
+        kept = None
+        if plan is not None:
+            try:
+                kept = kept_outputs(self.graph(), plan)
+            except RecursionError:  # too deep to copy; reconstruction says so in its own record
+                kept = None
+        if kept is None:
+            self.kept_from_original = None
+        elif not self.events:
+            self.kept_from_original = kept
+        elif self.kept_from_original is not None:
+            before = self.kept_from_original
+            self.kept_from_original = {name: before[name][k] if name in before else k for name, k in kept.items()}
+        return kept
 
     def _graph_of(self, pruned: nn.Module) -> CouplingGraph:
         """The coupling graph of ``pruned``: the one :meth:`plan` made with it, else (a model pruned some
