@@ -78,7 +78,7 @@ def compress(
                                                    "their kept channels.")] = False,
     bn_recalibration: Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics right after pruning.")] = True,
     reconstruct: Annotated[bool, typer.Option(help="After each physical prune, re-fit every layer by least squares on "
-                                              "256 training images so it gives its pre-prune outputs.")] = True,
+                                              "up to 256 training images so it gives its pre-prune outputs.")] = True,
     max_prune_per_group: Annotated[float, typer.Option(help="At most this fraction of any group's channels is removed.")] = 0.75,
     attention: Annotated[str, typer.Option(help="How attention is pruned: dims (the same head dimensions in every "
                                            "head; head_dim shrinks) or heads (whole heads; num_heads shrinks, "

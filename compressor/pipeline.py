@@ -189,7 +189,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
         resolved = resolve(traced.graph, config, criterion=loaded.criterion, data=loaded.data, progress=events,
                            device=device)
         acc_original = ft.accuracy(loaded.model.model, loaded.data)
-        run = _run(config, loaded, traced, resolved, device, events)
+        run = _run(config, loaded, traced, resolved, device, events, acc_original)
         run.start(loaded.schedule)
     pruning_before = run.prune_seconds
     with clock.stage("fine-tune"):
@@ -243,11 +243,12 @@ def _trace(config: CompressConfig, loaded: Loaded, events: EventStream) -> Trace
 
 
 def _run(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Resolved, device: torch.device,
-         events: EventStream) -> schedules.Run:
+         events: EventStream, acc_original: float) -> schedules.Run:
     return schedules.Run(original=loaded.model.model, data=loaded.data, config=config,
                          criterion=resolved.criterion or loaded.criterion,
                          settings=_finetune_settings(config, loaded.data), device=device, progress=events, graph=traced.graph,
-                         target=resolved.flops_ratio, round_to=resolved.round_to, floor=resolved.floor)
+                         target=resolved.flops_ratio, round_to=resolved.round_to, floor=resolved.floor,
+                         original_accuracy=acc_original)
 
 
 def _export(config: CompressConfig, loaded: Loaded, resolved: Resolved, scheduled: schedules.ScheduleResult,

@@ -36,6 +36,10 @@ CALIBRATION_IMAGES = 256
 """Images of the one calibration batch (fewer where the model's activations would not fit in memory)."""
 ACTIVATION_BUDGET_BYTES = 2 << 30
 """Rough bound on the calibration batch's transient activations (see :func:`affordable_images`)."""
+MACS_BUDGET = 2e11
+"""Bound on the calibration batch's multiply-accumulates in the model before the prune (the pass over the
+pruned model costs less): about 10 s on two CPU cores. Small models take all ``CALIBRATION_IMAGES``
+(ResNet-20 at 28x28: 41 MMACs an image); a ResNet-50 at 224x224 (4.1 GMACs) takes 48."""
 RIDGE = 1e-3
 """Ridge strength, relative to the mean diagonal of the layer's Gram matrix (pulls towards the pruned weights)."""
 MIN_ROWS = 2048
@@ -105,12 +109,16 @@ def calibration_images(data, n: int, *, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def affordable_images(model: nn.Module, example: torch.Tensor, n: int) -> int:
     """``n``, or fewer where one batch of ``n`` would hold more than ``ACTIVATION_BUDGET_BYTES`` of activations
-    (the largest single activation of one image, times four for what is alive around it)."""
+    (the largest single activation of one image, times four for what is alive around it), or cost more
+    than ``MACS_BUDGET`` multiply-accumulates in its convolutions and linear layers (at least 16 images)."""
     largest = [0]
+    macs = [0]
 
-    def hook(_m, _i, out):
+    def hook(m, _i, out):
         if isinstance(out, torch.Tensor):
             largest[0] = max(largest[0], out[:1].numel())
+            if isinstance(m, LAYER_TYPES):
+                macs[0] += out[:1].numel() * (m.weight[0].numel())
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     training = model.training
@@ -121,7 +129,8 @@ def affordable_images(model: nn.Module, example: torch.Tensor, n: int) -> int:
             h.remove()
         model.train(training)
     per_image = 4 * largest[0] * example.element_size()
-    return max(1, min(n, ACTIVATION_BUDGET_BYTES // max(per_image, 1)))
+    by_compute = max(16, int(MACS_BUDGET // max(macs[0], 1)))
+    return max(1, min(n, ACTIVATION_BUDGET_BYTES // max(per_image, 1), by_compute))
 
 
 def kept_outputs(graph, plan) -> dict[str, torch.Tensor]:

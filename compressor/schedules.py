@@ -141,11 +141,13 @@ class Run:
     def __init__(self, *, original: nn.Module, data: LoadedData, config: CompressConfig, criterion: Criterion,
                  settings: FinetuneSettings, device: torch.device, progress: Progress | None = None,
                  graph: CouplingGraph | None = None, target: float | None = None, round_to: int | None = None,
-                 floor: pruning.Floor | None = None) -> None:
+                 floor: pruning.Floor | None = None, original_accuracy: float | None = None) -> None:
         """``graph``: the original model's coupling graph, where it has been traced already (the run
         works on a copy of it, made with the model's copy; it is traced here only where it is not given).
         ``target``, ``round_to``, ``floor``: the FLOPs ratio, the rounding multiple and the floor the
-        pipeline resolved (:mod:`compressor.resolve`); by default ``config``'s own target and rounding."""
+        pipeline resolved (:mod:`compressor.resolve`); by default ``config``'s own target and rounding.
+        ``original_accuracy``: the original's validation accuracy where the caller measured it (a prune
+        before any training then does not measure it again)."""
         self.original = original
         self.data = data
         self.config = config
@@ -178,6 +180,7 @@ class Run:
         self.groups = graph.groups
         """The original model's groups (the widths every later cap counts from)."""
         self.original_units = {spec.root: spec.units for spec in self.groups}
+        self._original_accuracy = None if config.from_scratch else original_accuracy
         self.kept_from_original: dict[str, torch.Tensor] | None = None
         """Layer name -> the original's output channels the current model's layer keeps (``--distill-features``);
         None before the first prune, or once a prune's kept channels are unknown."""
@@ -277,7 +280,8 @@ class Run:
             self.prune_seconds += time.perf_counter() - start
 
     def _prune(self, pruned: nn.Module, *, reason: str) -> PruneEvent:
-        before = self.accuracy()
+        untouched = not self.events and self.step == 0 and self._original_accuracy is not None
+        before = self._original_accuracy if untouched else self.accuracy()
         pruned.to(self.device)
         after = accuracy(pruned, self.data, device=self.device)
         recalibrated = None

@@ -203,9 +203,13 @@ def feed_for(sample: torch.Tensor, batch: int) -> dict[str, np.ndarray]:
 SETTLE = 0.01
 """Timing two models stops early once the per-round ratio (second / first) is known to within 1%: its
 interquartile range over sqrt(rounds), an estimate of its median's standard error, is at most this
-fraction of the median (after MIN_ROUNDS rounds). Large models settle in a few rounds; tiny ones, whose
-times are mostly noise, run every round they were given."""
+fraction of the median (after MIN_ROUNDS rounds, or MIN_ROUNDS_SLOW where a round takes over SLOW_ROUND_S).
+Large models settle in a few rounds; tiny ones, whose times are mostly noise, run every round they were given."""
 MIN_ROUNDS = 5
+MIN_ROUNDS_SLOW = 3
+SLOW_ROUND_S = 1.0
+"""A round (every session once) longer than this (a large model at batch 64) may settle after MIN_ROUNDS_SLOW:
+such runs are long enough that scheduling noise is a small part of each."""
 WARMUP_S = 1.0
 """Warm-up stops after this many seconds of a session's runs (at least one run), or after ``warmup`` runs."""
 
@@ -224,6 +228,7 @@ def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs:
             if time.perf_counter() - start > WARMUP_S:
                 break
     times: list[list[float]] = [[] for _ in sessions]
+    min_rounds = MIN_ROUNDS
     for i in range(runs):
         if check is not None:
             check()
@@ -233,7 +238,9 @@ def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs:
             t = time.perf_counter()
             sessions[k].run(None, feed)
             times[k].append((time.perf_counter() - t) * 1e3)
-        if settle is not None and len(sessions) == 2 and i + 1 >= MIN_ROUNDS and i + 1 < runs:
+        if i == 0 and sum(ts[0] for ts in times) > SLOW_ROUND_S * 1e3:
+            min_rounds = MIN_ROUNDS_SLOW
+        if settle is not None and len(sessions) == 2 and i + 1 >= min_rounds and i + 1 < runs:
             ratios = [c / o for o, c in zip(*times)]
             if iqr(ratios) / math.sqrt(len(ratios)) <= settle * statistics.median(ratios):
                 break

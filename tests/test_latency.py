@@ -343,6 +343,18 @@ def test_timing_stops_once_the_ratio_is_known(monkeypatch, compressed_ms, settle
     assert original.calls == rounds + 5  # the warm-up: 5 runs of 10 ms, under WARMUP_S
 
 
+def test_slow_rounds_settle_after_fewer_rounds(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(validate.time, "perf_counter", lambda: clock[0])
+    long = validate.SLOW_ROUND_S * 1e3  # a large model at batch 64: each round takes over SLOW_ROUND_S
+    original, compressed = _Session(clock, [long]), _Session(clock, [long / 2])
+    o, c = validate.interleaved_times([original, compressed], {}, runs=10, warmup=5, settle=validate.SETTLE)
+    assert len(o) == len(c) == validate.MIN_ROUNDS_SLOW < validate.MIN_ROUNDS
+    swinging = _Session(clock, [long / 4, long])  # a ratio that swings still runs every round
+    o, _ = validate.interleaved_times([_Session(clock, [long]), swinging], {}, runs=10, warmup=5, settle=validate.SETTLE)
+    assert len(o) == 10
+
+
 def test_warm_up_stops_after_its_time_budget(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(validate.time, "perf_counter", lambda: clock[0])
