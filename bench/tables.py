@@ -5,6 +5,7 @@
     python bench/tables.py cost              # stage times, throughput and memory against a bare loop
     python bench/tables.py reconstruct       # accuracy after each step of a prune, and what reconstruction costs
     python bench/tables.py recipe --results bench/results/recipe.json bench/results/recipe_reconstruct.json
+    python bench/tables.py pieces            # each piece of the default on or off alone, against the default
 """
 
 from __future__ import annotations
@@ -79,6 +80,51 @@ def reconstruct(path: Path = RESULTS / "recipe_reconstruct.json") -> str:
     return "\n".join(lines)
 
 
+PIECES = {"default": "default (reconstruction, logit distillation, the provider's rounding, no augmentation)",
+          "noreconstruct": "without reconstruction (--no-reconstruct)", "features": "+ feature distillation (--distill-features)",
+          "criterion:auto": "--criterion auto", "augment:light": "+ augmentation (--augment light)",
+          "round8": "round-to 8", "round1": "round-to 1 (no rounding)"}
+
+
+def pieces(path: Path = RESULTS / "recipe_pieces.json", plain: Path = RESULTS / "recipe.json") -> str:
+    """Each variant against the default of the same model, target and seeds: test accuracy (mean ± sd over
+    seeds), the difference to the default, to the original and to the plain recipe, the speed-ups, and
+    the whole run's seconds (mean, and the difference to the default's)."""
+    rows = [r for r in json.loads(path.read_text()) if r.get("method") == "compress"]
+    plains: dict[tuple, list[float]] = defaultdict(list)
+    for r in json.loads(plain.read_text()):
+        if r.get("method") == "plain":
+            plains[(r["model"], r["target"])].append(r["test"])
+    cells: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in rows:
+        cells[(r["model"], r["target"], r["variant"])][r["seed"]] = r
+    lines = ["| model | target | variant | seeds | test accuracy (mean ± sd) | vs default (pts) | vs original (pts) "
+             "| vs plain torch-pruning (pts) | speed-up b1 / b64 (median) | run (s) | vs default (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    order = list(PIECES)
+    for (model, target, variant), by_seed in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][1], order.index(kv[0][2])
+                                                                                  if kv[0][2] in order else 99)):
+        default = cells.get((model, target, "default"), {})
+        seeds = sorted(set(by_seed) & set(default)) if variant != "default" else sorted(by_seed)
+        if not seeds:
+            continue
+        tests = [by_seed[s]["test"] for s in seeds]
+        base = [default[s]["test"] for s in seeds]
+        mean = statistics.mean(tests)
+        sd = statistics.stdev(tests) if len(tests) > 1 else 0.0
+        original = by_seed[seeds[0]]["test_original"]
+        vs_plain = f"{100 * (mean - statistics.mean(plains[(model, target)])):+.2f}" if plains.get((model, target)) else ""
+        seconds = statistics.mean(by_seed[s]["seconds"] for s in seeds)
+        extra = seconds - statistics.mean(default[s]["seconds"] for s in seeds)
+        speed = (f"{statistics.median(by_seed[s]['speedup_b1'] for s in seeds):.2f}x / "
+                 f"{statistics.median(by_seed[s]['speedup_b64'] for s in seeds):.2f}x")
+        lines.append(f"| {model} | {target:g} | {PIECES.get(variant, variant)} | {len(seeds)} | {_pct(mean)} ± {100 * sd:.2f} "
+                     f"| {'' if variant == 'default' else f'{100 * (mean - statistics.mean(base)):+.2f}'} "
+                     f"| {100 * (mean - original):+.2f} | {vs_plain} | {speed} | {seconds:.1f} "
+                     f"| {'' if variant == 'default' else f'{extra:+.1f}'} |")
+    return "\n".join(lines)
+
+
 def flops(path: Path = RESULTS / "flops_accuracy.json") -> str:
     rows = json.loads(path.read_text())
     targets = sorted({r["requested"] for r in rows}, reverse=True)
@@ -128,11 +174,11 @@ def cost(path: Path = RESULTS / "cost.json") -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("table", choices=["recipe", "flops", "cost", "reconstruct"])
+    p.add_argument("table", choices=["recipe", "flops", "cost", "reconstruct", "pieces"])
     p.add_argument("--results", type=Path, nargs="+", help="the raw rows to render [default: the table's own file; "
                                                          "recipe takes several]")
     args = p.parse_args()
-    table = {"recipe": recipe, "flops": flops, "cost": cost, "reconstruct": reconstruct}[args.table]
+    table = {"recipe": recipe, "flops": flops, "cost": cost, "reconstruct": reconstruct, "pieces": pieces}[args.table]
     print(table(*args.results) if args.results else table())
 
 
