@@ -38,6 +38,8 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (non-loop
                                                "`compressor worker` apart).")] = 1,
           job_timeout: Annotated[float, typer.Option(help="Seconds a job may run before it is stopped.")] = 3600.0,
           max_attempts: Annotated[int, typer.Option(help="Times a job interrupted by a dead worker is tried.")] = 2,
+          threads: Annotated[Optional[int], typer.Option(min=1, help="Threads each job's process uses (OMP_NUM_THREADS) "
+                                                         "[default: the host's cores / --workers].")] = None,
           max_upload_mb: Annotated[int, typer.Option(help="Largest upload, MiB.")] = 4096,
           max_unpacked_mb: Annotated[int, typer.Option(help="Most bytes a data .zip may unpack to, MiB.")] = 2048,
           allow_arch: Annotated[Optional[list[str]], typer.Option(help="package.module:factory archs jobs may use.")] = None,
@@ -64,6 +66,8 @@ def serve(host: Annotated[str, typer.Option(help="Address to listen on (non-loop
                    "--workers", str(workers), "--job-timeout", str(job_timeout), "--max-attempts", str(max_attempts)]
             if broker:
                 cmd += ["--broker", broker]
+            if threads:
+                cmd += ["--threads", str(threads)]
             child = subprocess.Popen(cmd)
         try:
             app = create_app(ServiceConfig(data_dir=data_dir, broker=broker, max_upload_bytes=max_upload_mb * 2**20,
@@ -86,6 +90,8 @@ def worker(data_dir: Annotated[Path, typer.Option(help="The service's data dir (
            workers: Annotated[int, typer.Option(help="Jobs run at once (each in its own subprocess).")] = 1,
            job_timeout: Annotated[float, typer.Option(help="Seconds a job may run before it is stopped.")] = 3600.0,
            max_attempts: Annotated[int, typer.Option(help="Times a job interrupted by a dead worker is tried.")] = 2,
+           threads: Annotated[Optional[int], typer.Option(min=1, help="Threads each job's process uses (OMP_NUM_THREADS) "
+                                                          "[default: the host's cores / --workers].")] = None,
            ) -> None:
     """Take jobs from the queue and run each in its own subprocess."""
     def go() -> None:
@@ -95,7 +101,7 @@ def worker(data_dir: Annotated[Path, typer.Option(help="The service's data dir (
 
         huey = make_huey(data_dir, broker)
         huey.compressor_settings.update(job_timeout=job_timeout, max_attempts=max_attempts,
-                                        threads=max(1, (os.cpu_count() or 1) // max(1, workers)))
+                                        threads=threads or max(1, (os.cpu_count() or 1) // max(1, workers)))
         store = Store(data_dir)
         for job_id in recover(store, huey, max_attempts):
             err.print(f"recovered interrupted job {job_id}")

@@ -523,3 +523,28 @@ def test_retention_deletes_what_ended_long_ago_and_keeps_the_rest(tmp_path, tiny
     # the two uploads the remaining jobs read stay; the old one nobody reads goes
     assert {f["id"] for f in client.get("/v1/files").json()} == set(files)
     assert not (data_dir / "files" / spare).exists()
+
+
+@pytest.mark.parametrize(("args", "threads"), [([], max(1, (os.cpu_count() or 1) // 2)), (["--threads", "3"], 3)])
+def test_worker_threads_default_to_the_cores_per_job_slot_and_can_be_set(monkeypatch, tmp_path, args, threads):
+    from typer.testing import CliRunner
+
+    import compressor.service.queue as queue
+    import compressor.service.worker as worker
+    from compressor.cli.toolbox import app
+
+    seen = {}
+
+    class Huey:
+        compressor_settings: dict = {}
+
+        def create_consumer(self, **kwargs):
+            seen.update(self.compressor_settings, workers=kwargs["workers"])
+            return type("Consumer", (), {"run": lambda self: None})()
+
+    monkeypatch.setattr(queue, "make_huey", lambda *a: Huey())
+    monkeypatch.setattr(worker, "start_heartbeat", lambda store, slots: (lambda: None))
+    result = CliRunner().invoke(app, ["worker", "--data-dir", str(tmp_path), "--workers", "2", *args])
+    assert result.exit_code == 0, result.output
+    assert seen["threads"] == threads and seen["workers"] == 2
+    assert CliRunner().invoke(app, ["worker", "--data-dir", str(tmp_path), "--threads", "0"]).exit_code != 0
