@@ -15,6 +15,9 @@ from torch import nn
 from .errors import ExportError, one_line
 
 OPSET = 17
+MAX_OPSET = 18
+"""An export that fails at OPSET for want of an operator added later (``col2im``: ``nn.Fold``, opset 18) is
+retried at the opset that added it, up to this one (onnxruntime runs it); the file records its opset."""
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -105,6 +108,10 @@ def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int =
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
             )
     except Exception as exc:
+        newer = re.search(r"added in (?:opset )?version (\d+)", str(exc))
+        if newer and opset < int(newer.group(1)) <= MAX_OPSET:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            return to_onnx_bytes(model, example_input, opset=int(newer.group(1)))
         op = _unsupported_op(exc)
         where = f" (unsupported operator {op})" if op else ""
         raise ExportError(f"ONNX export failed{where}: {one_line(exc, 300, with_type=False)}",
@@ -129,4 +136,5 @@ def export_onnx(model: nn.Module, path: Path, *, example_input: torch.Tensor,
         raise ExportError(f"the exported ONNX model failed onnx.checker: {one_line(exc, with_type=False)}") from exc
     data = proto.SerializeToString()
     path.write_bytes(data)
-    return ExportResult(path=path, bytes=len(data), opset=opset)
+    used = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=opset)
+    return ExportResult(path=path, bytes=len(data), opset=used)

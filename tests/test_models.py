@@ -94,3 +94,24 @@ def test_models_come_through_one_door_the_entry_point_group(monkeypatch):
     source = (Path(architectures.__file__).parent / "checkpoint.py").read_text()
     imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
     assert "loading" not in imported and "architectures" in imported
+
+
+class _Folding(torch.nn.Module):
+    """A convolution whose patches ``nn.Fold`` puts back together: ``col2im``, which ONNX has from opset 18."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 12, 2, stride=2)
+        self.fold = torch.nn.Fold((8, 8), 2, stride=2)
+        self.head = torch.nn.Linear(3 * 64, 10)
+
+    def forward(self, x):
+        return self.head(self.fold(self.conv(x).flatten(2)).flatten(1))
+
+
+def test_an_operator_added_in_a_later_opset_exports_at_that_opset(tmp_path):
+    model, x = _Folding().eval(), torch.randn(2, 3, 8, 8)
+    result = export_onnx(model, tmp_path / "m.onnx", example_input=x, metadata={})
+    assert result.opset == 18
+    out = open_session(tmp_path / "m.onnx", device="cpu").run(None, {INPUT_NAME: x.numpy()})[0]
+    np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-5)
