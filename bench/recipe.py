@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=["plain", "default"],
                    help="plain (the torch-pruning recipe) and compress variants: default, roundN, nodistill, features, "
-                        "reconstruct, noreconstruct, schedule:NAME, criterion:NAME, augment:NAME")
+                        "reconstruct, noreconstruct, schedule:NAME, criterion:NAME, augment:NAME, cfg:FIELD=JSON")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipe.json")
@@ -174,7 +174,8 @@ def overrides(variant: str) -> dict:
     """``CompressConfig`` fields of a variant: ``default``, ``roundN`` (``--round-to N``), ``nodistill``,
     ``reconstruct`` / ``noreconstruct`` (``--reconstruct`` / ``--no-reconstruct``), ``features``
     (``--distill-features``), ``lrX`` (``--lr X``),
-    ``schedule:NAME``, ``criterion:NAME``, ``augment:NAME`` (``--augment``)."""
+    ``schedule:NAME``, ``criterion:NAME``, ``augment:NAME`` (``--augment``), ``cfg:FIELD=JSON`` (any
+    ``CompressConfig`` field)."""
     if variant == "default":
         return {}
     if variant.startswith("round") and variant[5:].isdigit():
@@ -190,6 +191,9 @@ def overrides(variant: str) -> dict:
     kind, _, name = variant.partition(":")
     if kind in ("schedule", "criterion", "augment") and name:
         return {kind: name}
+    if kind == "cfg" and "=" in name:  # any CompressConfig field: cfg:distill_alpha=0.9
+        key, _, value = name.partition("=")
+        return {key: json.loads(value)}
     raise SystemExit(f"unknown variant {variant!r}")
 
 
