@@ -122,7 +122,7 @@ def compress(
                                                          "else bilinear].")] = None,
     augment: Annotated[Optional[str], typer.Option(help="Fine-tuning augmentation: none, light (random-resized crop "
                                                    "+ flip), strong (adds TrivialAugment and MixUp/CutMix) "
-                                                   "[default: light for image files, none for arrays].")] = None,
+                                                   "[default: none; see BENCHMARKS.md].")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes for image folders and large "
                                                    "arrays [default: CPU count - 1, at most 8].")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json to stdout instead of the table.")] = False,

@@ -179,7 +179,7 @@ class CompressConfig:
     interpolation: str | None = None
     """Resize interpolation: bilinear, bicubic or nearest (default: the model's, else bilinear)."""
     augment: str | None = None
-    """Fine-tuning augmentation: none, light or strong (default: light for image files, none for arrays)."""
+    """Fine-tuning augmentation: none (default: measured to pay on no short budget), light or strong."""
     workers: int | None = None
     """DataLoader worker processes for lazily read data (default: CPU count - 1, at most 8; 0 reads in-process)."""
 

@@ -147,9 +147,9 @@ def _requested(config: CompressConfig) -> dict[str, Any]:
 
 
 def _finetune_settings(config: CompressConfig, data: LoadedData) -> ft.FinetuneSettings:
-    # Augmentation is on by default for image files (photos at real resolution), off for arrays (small
-    # images already prepared, where it has not been measured to pay; see BENCHMARKS.md).
-    augment = config.augment or ("none" if data.info.kind in ("npz", "pt") else "light")
+    # Off unless asked for: at the short budgets this tool is for (a few epochs of a few thousand images),
+    # light augmentation cost 0.1-2.8 points on every measured row (BENCHMARKS.md, "Each piece").
+    augment = config.augment or "none"
     return ft.FinetuneSettings(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.peak_lr, optimizer=config.optimizer,
         weight_decay=config.weight_decay, distill=config.distill, temperature=config.distill_temperature,
