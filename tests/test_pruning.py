@@ -311,29 +311,3 @@ def test_a_probe_copy_is_pruned_as_a_traced_copy_and_leaves_the_original_alone(b
         with torch.no_grad():
             torch.testing.assert_close(fast(example), traced(example), rtol=0, atol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
-
-
-class _NeedsValues(nn.Module):
-    """A forward that reads a value (``.item()``) and a plain tensor attribute: not countable on ``meta``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.scale = torch.tensor(2.0)  # not a buffer: stays a real tensor in a meta copy
-
-    def forward(self, x):
-        y = self.conv(x) * self.scale
-        return y if y.abs().max().item() >= 0 else -y
-
-
-def test_flops_are_counted_on_a_weightless_copy_and_equal_the_count_on_the_model():
-    import torch_pruning as tp
-
-    model = tiny_resnet20()
-    x = torch.randn(1, 1, IMAGE_SIZE, IMAGE_SIZE)
-    weight = next(model.parameters())
-    cost = flops.measure(model, x)
-    assert (cost.macs, cost.params) == tuple(int(v) for v in tp.utils.count_ops_and_params(model, x))
-    assert next(model.parameters()) is weight and weight.device.type == "cpu"
-    fallback = flops.measure(_NeedsValues(), torch.randn(1, 3, 8, 8))
-    assert fallback.macs == 8 * 27 * 36 + 8 * 36  # the convolution (and its bias) on a 6x6 output
