@@ -232,7 +232,7 @@ class Cycle:
         self.soft = None
         self.teacher = None
         self.features: FeatureMatch | None = None
-        self.feature_loss = float("nan")
+        self.feature_loss: float | None = None
         """The last step's feature term (``settings.features``), for the record."""
         if (settings.distill or settings.features) and teacher is not None and settings.epochs > 0:
             if settings.augment == "none" and not settings.features:
@@ -266,19 +266,20 @@ class Cycle:
         """With ``settings.features``, pull the current model's pruned layers towards the teacher's outputs
         on their kept channels (:class:`FeatureMatch`; ``kept`` relative to the teacher). Returns the number
         of layers matched (0 where there is no teacher or the setting is off)."""
-        if self.features is not None:
-            self.features.remove()
-            self.features = None
+        self._drop_features()
         if not self.settings.features or self.teacher is None:
             return 0
         self.features = FeatureMatch(self.model, self.teacher, kept)
         return len(self.features.layers)
 
-    def replace_model(self, model: nn.Module) -> None:
-        """Continue the cycle with ``model`` (a pruned version of the current one): a fresh optimiser."""
-        if self.features is not None:  # hooked on the old model; the schedule matches the new one
+    def _drop_features(self) -> None:
+        if self.features is not None:
             self.features.remove()
             self.features = None
+
+    def replace_model(self, model: nn.Module) -> None:
+        """Continue the cycle with ``model`` (a pruned version of the current one): a fresh optimiser."""
+        self._drop_features()  # hooked on the old model; the schedule matches the new one
         self.model = model.to(self.device)
         self.optimizer = _optimizer(self.model, self.settings)
         self._good_state = copy.deepcopy(self.model.state_dict())
@@ -299,19 +300,15 @@ class Cycle:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.net(xb)
             loss = F.cross_entropy(logits.float(), yb)
-            if s.distill and (self.soft is not None or self.teacher is not None):
+            soft = self.soft[idx].to(self.device) if self.soft is not None else None
+            if self.teacher is not None and (s.distill or self.features is not None):
+                with torch.no_grad():  # the same batch as the student's (its hooks feed the feature term)
+                    soft = self.teacher.eval()(xb).float()
+            if s.distill and soft is not None:
                 t = s.temperature
-                if self.soft is not None:
-                    soft = self.soft[idx].to(self.device)
-                else:
-                    with torch.no_grad():
-                        soft = self.teacher.eval()(xb).float()
                 kd = F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(soft / t, 1),
                               reduction="batchmean", log_target=True) * t * t
                 loss = (1 - s.alpha) * loss + s.alpha * kd
-            elif self.features is not None:
-                with torch.no_grad():
-                    self.teacher.eval()(xb)
             if self.features is not None:
                 feature = self.features.loss()
                 self.feature_loss = feature.item()
@@ -368,16 +365,13 @@ class Cycle:
         self.model.eval().cpu()
         if self.teacher is not None:
             self.teacher.cpu()
-        feature_layers, feature_loss = 0, None
-        if self.features is not None:
-            feature_layers, feature_loss = len(self.features.layers), self.feature_loss
-            self.features.remove()
-            self.features = None
+        feature_layers = len(self.features.layers) if self.features is not None else 0
+        self._drop_features()
         final_acc = history[-1]["val_accuracy"] if history else accuracy(self.model, data)
         return FinetuneResult(
             epochs=len(history), steps=self.step, seconds=seconds, images_per_second=seen / seconds if seconds else 0.0,
             final_loss=last_loss, val_accuracy=final_acc, history=history, stopped_early=stopped,
             amp=str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
-            feature_layers=feature_layers, feature_loss=feature_loss if feature_loss == feature_loss else None,
+            feature_layers=feature_layers, feature_loss=self.feature_loss if feature_layers else None,
         )
 

@@ -319,7 +319,7 @@ class Run:
             try:
                 kept = kept_outputs(self.graph(), plan)
             except RecursionError:  # too deep to copy; reconstruction says so in its own record
-                kept = None
+                pass
         if kept is None:
             self.kept_from_original = None
         elif not self.events:
