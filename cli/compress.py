@@ -79,7 +79,9 @@ def compress(
     bn_recalibration: Annotated[bool, typer.Option(help="Re-estimate batch-norm statistics right after pruning.")] = True,
     reconstruct: Annotated[bool, typer.Option(help="After each physical prune, re-fit every layer by least squares on "
                                               "up to 256 training images so it gives its pre-prune outputs.")] = True,
-    max_prune_per_group: Annotated[float, typer.Option(help="At most this fraction of any group's channels is removed.")] = 0.75,
+    max_prune_per_group: Annotated[Optional[float], typer.Option(
+        help="At most this fraction of any group's channels is removed (default: 0.75, raised up to 0.9 "
+             "only where the FLOPs target needs it; a value given is kept).")] = None,
     attention: Annotated[str, typer.Option(help="How attention is pruned: dims (the same head dimensions in every "
                                            "head; head_dim shrinks) or heads (whole heads; num_heads shrinks, "
                                            "head_dim stays).")] = "dims",

@@ -85,7 +85,8 @@ def inspect_command(
     arch: Annotated[Optional[str], typer.Option(help="Architecture of a state dict (see `compressor models`).")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Load a whole pickled module.")] = False,
     input_shape: Annotated[str, typer.Option(help="One input's shape C,H,W.")] = "3,32,32",
-    max_prune_per_group: Annotated[float, typer.Option(help="Per-group cap, as for `compress`.")] = 0.75,
+    max_prune_per_group: Annotated[Optional[float], typer.Option(
+        help="Per-group cap, as for `compress` (default: 0.75, and the floor at 0.9, the most the default is raised to).")] = None,
     trace_timeout: Annotated[float, typer.Option(help="As for `compress` (0: no limit).")] = 600.0,
     trace_memory: Annotated[Optional[float], typer.Option(help="As for `compress` (0: no limit).")] = None,
     attention: Annotated[str, typer.Option(help="dims or heads: how attention is pruned, as for `compress`.")] = "dims",
@@ -101,6 +102,7 @@ def inspect_command(
                                        parse_input_shape)
         from compressor.loading import load_model
         from compressor.preflight import inspect_model
+        from compressor.pruning import AUTO_CAPS, DEFAULT_CAP
         from compressor.watchdog import memory_budget
 
         # The same checks as compress's, all before the model is loaded.
@@ -132,8 +134,12 @@ def inspect_command(
         for name, why in report.unsafe.items():
             out.print(f"left unpruned: {literal(name)}: pruning it breaks the model ({literal(why)})", highlight=False)
         if report.min_reachable_ratio is not None:
-            out.print(f"smallest reachable FLOPs ratio at --max-prune-per-group {max_prune_per_group:g}: "
+            cap = max_prune_per_group or DEFAULT_CAP
+            out.print(f"smallest reachable FLOPs ratio at --max-prune-per-group {cap:g}: "
                       f"{report.min_reachable_ratio:.3f}", highlight=False)
+            if report.min_reachable_ratio_raised is not None:
+                out.print(f"smallest reachable FLOPs ratio at {AUTO_CAPS[-1]:g}, the most `compress` raises the cap to "
+                          f"where a target needs it: {report.min_reachable_ratio_raised:.3f}", highlight=False)
         else:
             out.print("nothing in this model can be pruned", highlight=False)
 

@@ -83,7 +83,7 @@ def choose_criterion(graph: CouplingGraph, config: CompressConfig, data: LoadedD
         scores = pruning.score_groups(graph, criterion, costs=costs)
         model.zero_grad(set_to_none=True)
         pruned, result = pruning.search(graph, scores, target_ratio=flops_ratio,
-                                        max_prune_fraction=config.max_prune_per_group, round_to=round_to,
+                                        max_prune_fraction=config.cap, round_to=round_to,
                                         known_floor=floor, on_probe=lambda n, r: progress.check_cancel())
         if device is not None:
             pruned.to(device)

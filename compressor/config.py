@@ -29,9 +29,14 @@ MAX_INPUT_ELEMENTS = 1 << 28
 """The most values one example input may hold (``--input-shape``): 1 GB of float32."""
 
 
-def check_max_prune_per_group(value: float) -> None:
-    """Check ``--max-prune-per-group`` (``compress`` and ``inspect`` both take it)."""
-    if not (math.isfinite(value) and 0 < value < 1):
+DEFAULT_CAP = 0.75
+"""The per-group cap without ``--max-prune-per-group``: at most three quarters of a group's channels go
+(raised along ``pruning.AUTO_CAPS`` only where the FLOPs target needs it)."""
+
+
+def check_max_prune_per_group(value: float | None) -> None:
+    """Check ``--max-prune-per-group`` (``compress`` and ``inspect`` both take it; None: the default)."""
+    if value is not None and not (math.isfinite(value) and 0 < value < 1):
         raise ConfigError(f"--max-prune-per-group must lie strictly between 0 and 1, got {value}",
                           hint="0.75 lets at most three quarters of any group's channels go")
 
@@ -102,8 +107,9 @@ class CompressConfig:
     from_scratch: bool = False
     """Re-initialise the model's weights before the schedule (OCSPruner's own setting: train from scratch;
     give it many more epochs)."""
-    max_prune_per_group: float = 0.75
-    """At most this fraction of any group's channels is removed."""
+    max_prune_per_group: float | None = None
+    """At most this fraction of any group's channels is removed. None: 0.75, raised step by step up to
+    0.9 only where the FLOPs target needs it (``pruning.AUTO_CAPS``; the report says so)."""
     round_to: int | None = None
     """Kept channel counts are multiples of this (1 disables; default: per execution provider, ``latency.DEFAULT_ROUND_TO``)."""
     attention_pruning: str = "dims"
@@ -276,6 +282,12 @@ class CompressConfig:
     @property
     def output_dir(self) -> Path:
         return self.out_dir if self.out_dir is not None else Path("runs") / self.model_path.stem
+
+    @property
+    def cap(self) -> float:
+        """The per-group cap pruning uses: ``max_prune_per_group``, or :data:`DEFAULT_CAP` (the pipeline
+        replaces the field with the cap it resolved, raised or not, before pruning)."""
+        return self.max_prune_per_group if self.max_prune_per_group is not None else DEFAULT_CAP
 
     @property
     def peak_lr(self) -> float:

@@ -216,11 +216,11 @@ def fit_rounding(graph: CouplingGraph, config: CompressConfig) -> Rounding:
     default = round_to_for(config)
     floors: dict[int, pruning.Floor | None] = {}
     if config.round_to is not None or config.target_flops is None:
-        return Rounding(default, pruning.floor(graph, max_prune_fraction=config.max_prune_per_group, round_to=default),
+        return Rounding(default, pruning.floor(graph, max_prune_fraction=config.cap, round_to=default),
                         None)
     round_to, floor = coarsest_reaching(graph, config.target_flops, start=default,
-                                        max_prune_fraction=config.max_prune_per_group, floors=floors)
-    at = floors.get(round_to) or pruning.floor(graph, max_prune_fraction=config.max_prune_per_group, round_to=round_to)
+                                        max_prune_fraction=config.cap, floors=floors)
+    at = floors.get(round_to) or pruning.floor(graph, max_prune_fraction=config.cap, round_to=round_to)
     if round_to == default:
         return Rounding(default, at, None)
     return Rounding(round_to, at, f"channel counts are rounded to multiples of {round_to}, not {default} (the default on this "
@@ -288,10 +288,10 @@ def resolve_target(
                           device=config.device)
     provider = getattr(timer, "provider", "injected timer")
     if floor is None or floor.round_to != round_to:
-        floor = pruning.floor(graph, max_prune_fraction=config.max_prune_per_group, round_to=round_to, scores=scores)
+        floor = pruning.floor(graph, max_prune_fraction=config.cap, round_to=round_to, scores=scores)
 
     def prune(r: float) -> tuple[nn.Module, pruning.PruneResult]:
-        return pruning.search(graph, scores, target_ratio=r, max_prune_fraction=config.max_prune_per_group,
+        return pruning.search(graph, scores, target_ratio=r, max_prune_fraction=config.cap,
                               round_to=round_to, on_probe=lambda n, ratio: progress.check_cancel(), known_floor=floor)
 
     progress.task(f"search for the latency target (batch {config.latency_batch})", MAX_PROBES)

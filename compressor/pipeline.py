@@ -244,6 +244,7 @@ def _trace(config: CompressConfig, loaded: Loaded, events: EventStream) -> Trace
 
 def _run(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Resolved, device: torch.device,
          events: EventStream, acc_original: float) -> schedules.Run:
+    config = dataclasses.replace(config, max_prune_per_group=resolved.max_prune_per_group)
     return schedules.Run(original=loaded.model.model, data=loaded.data, config=config,
                          criterion=resolved.criterion or loaded.criterion,
                          settings=_finetune_settings(config, loaded.data), device=device, progress=events, graph=traced.graph,
@@ -289,7 +290,7 @@ def _notes(loaded: Loaded, acc_original: float, resolved: Resolved, scheduled: s
     """The run's warnings other than the speed warnings, in the order the stages raise them."""
     prune, finetune = scheduled.prune, scheduled.finetune
     notes = list(loaded.data.notes) + report.chance_warnings(acc_original, loaded.classes)
-    notes += [resolved.rounding_note] if resolved.rounding_note else []
+    notes += [note for note in (resolved.cap_note, resolved.rounding_note) if note]
     notes += [f"group {unsafe} broke the model when pruned; it was left unpruned" for unsafe in prune.unsafe_groups]
     if prune.off_multiple:
         notes.append(f"to land within 1% of the FLOPs target, group {prune.off_multiple[0]} keeps a width "
@@ -312,7 +313,7 @@ def _result(config: CompressConfig, loaded: Loaded, traced: Traced, resolved: Re
         out_dir=config.output_dir,
         model={"source": str(config.model_path), "kind": loaded.model.kind, "arch": loaded.model.arch,
                "num_classes": loaded.classes},
-        data=loaded.data.info, criterion=config.criterion, max_prune_per_group=config.max_prune_per_group,
+        data=loaded.data.info, criterion=config.criterion, max_prune_per_group=resolved.max_prune_per_group,
         prune=scheduled.prune,
         accuracy_original=acc_original, accuracy_pruned_before_finetune=final_prune.accuracy_after,
         accuracy_pruned_recalibrated=final_prune.accuracy_recalibrated,

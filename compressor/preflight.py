@@ -41,6 +41,9 @@ class Inspection:
     """Parameters held directly by a module torch-pruning has no pruner for (class tokens, position embeddings)."""
     min_reachable_ratio: float | None = None
     """Reached without the unsafe groups."""
+    min_reachable_ratio_raised: float | None = None
+    """``inspect`` without a cap: the floor at the largest cap the default raises to where a target needs it
+    (``pruning.AUTO_CAPS``)."""
     unsafe: dict[str, str] = field(default_factory=dict)
     """Group root -> why: groups whose pruning breaks the forward, which the search leaves unpruned."""
     attention_pruning: str = "dims"
@@ -104,23 +107,28 @@ def summary(inspection: Inspection) -> str:
     return "pre-flight: " + ", ".join(parts)
 
 
-def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float = 0.75,
+def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fraction: float | None = None,
                   timeout: float | None = None, memory: int | None = None,
                   progress: Progress | None = None, attention_pruning: str = "dims") -> Inspection:
     """Trace ``model`` (within the budgets of :func:`~compressor.graph.trace`) and report its groups, those
     the search would leave unpruned because pruning them breaks the model, and the smallest FLOPs ratio
-    the search can reach."""
+    the search can reach (at ``max_prune_fraction``; without one, at the default cap and at the largest
+    cap the default is raised to)."""
     check_runs(model, example_input)
     graph = trace(model, example_input, timeout=timeout, memory=memory, progress=progress,
                   attention_pruning=attention_pruning)
     check_prunable(graph)
-    unsafe = pruning.unsafe_groups(graph, max_prune_fraction=max_prune_fraction)
+    caps = pruning.caps_for(max_prune_fraction)
+    unsafe = pruning.unsafe_groups(graph, max_prune_fraction=caps[0])
     # The floor depends on the caps, not the scores; an unsafe group gets none, so it is not pruned.
     scores = [torch.full((spec.units,), math.nan) if spec.index in unsafe else torch.ones(spec.units)
               for spec in graph.groups]
-    try:
-        floor = pruning.floor_ratio(graph, scores, max_prune_fraction=max_prune_fraction)
-    except TargetUnreachableError:
-        floor = None
-    return dataclasses.replace(describe(graph), min_reachable_ratio=floor,
+    floors: list[float | None] = []
+    for cap in dict.fromkeys((caps[0], caps[-1])):
+        try:
+            floors.append(pruning.floor_ratio(graph, scores, max_prune_fraction=cap))
+        except TargetUnreachableError:
+            floors.append(None)
+    return dataclasses.replace(describe(graph), min_reachable_ratio=floors[0],
+                               min_reachable_ratio_raised=floors[1] if len(floors) > 1 else None,
                                unsafe={graph.groups[g].root: why for g, why in unsafe.items()})

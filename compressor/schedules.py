@@ -254,7 +254,7 @@ class Run:
         if not quiet:
             self.progress.task(f"search for {ratio:.3f} of the FLOPs", 0)
         pruned_graph, result = pruning.search(
-            graph, scores, target_ratio=relative, max_prune_fraction=c.max_prune_per_group, round_to=self.round_to or 1,
+            graph, scores, target_ratio=relative, max_prune_fraction=c.cap, round_to=self.round_to or 1,
             original_units=self.original_units, with_graph=True, known_floor=None if self.events else self.floor,
             on_probe=(lambda n, r: self.progress.check_cancel()) if quiet else (lambda n, r: self.progress.advance(1, flops_ratio=r)))
         if not quiet:
@@ -363,11 +363,11 @@ class Run:
     def start(self, schedule: Schedule) -> None:
         """Check the target is reachable at all (before any training), then the schedule's ``begin``."""
         if self.floor is None:
-            self.floor = pruning.floor(self.graph(), max_prune_fraction=self.config.max_prune_per_group,
+            self.floor = pruning.floor(self.graph(), max_prune_fraction=self.config.cap,
                                        round_to=self.round_to or 1)
         if self.floor.ratio > self.target:
             graph = self.graph()
-            raise pruning.unreachable(self.target, self.floor.ratio, max_prune_fraction=self.config.max_prune_per_group,
+            raise pruning.unreachable(self.target, self.floor.ratio, max_prune_fraction=self.config.cap,
                                       held=pruning.held_back(graph, self.floor.unsafe_by_root(graph)))
         self.model.train()
         schedule.begin(self)

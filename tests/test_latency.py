@@ -132,7 +132,7 @@ def test_resolved_ratio_reproduces_the_timed_candidate(tiny, make_config, monkey
                                            timer=sqrt_timer)
 
     assert result is not None and result.latency_ratio <= 0.8 and len(timed) == len(result.probes)
-    _, pruned = pruning.search(coupling, scores, target_ratio=ratio, max_prune_fraction=config.max_prune_per_group,
+    _, pruned = pruning.search(coupling, scores, target_ratio=ratio, max_prune_fraction=config.cap,
                                round_to=8)
     assert pruned.achieved_ratio ** 0.5 == pytest.approx(result.latency_ratio)
 

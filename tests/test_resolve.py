@@ -77,3 +77,40 @@ def test_a_model_failing_parity_is_an_error_and_nothing_is_written(make_config, 
     result = compress(make_config(epochs=0, parity_tolerance=0.05))  # widened: accepted, and recorded
     assert result.validation.parity.tolerance == 0.05
     assert json.loads((result.out_dir / "report.json").read_text())["onnx"]["parity_tolerance"] == 0.05
+
+
+def _floors(config):
+    from compressor import graph as graphs, pipeline
+
+    loaded = pipeline._load(config)
+    coupling = graphs.trace(loaded.model.model, loaded.data.head(1))
+    at = {cap: pruning.floor(coupling, max_prune_fraction=cap, round_to=1).ratio for cap in pruning.AUTO_CAPS}
+    return at
+
+
+def test_the_default_cap_is_raised_only_as_far_as_the_target_needs(make_config, tmp_path):
+    from compressor.errors import TargetUnreachableError
+
+    floors = _floors(make_config())
+    assert floors[0.75] > floors[0.8] > floors[0.85] > floors[0.9]
+    # Reachable at the default cap: kept, no note.
+    kept = compress(make_config(target_flops=round(floors[0.75] + 0.01, 3), epochs=0, round_to=1, out_dir=tmp_path / "kept"))
+    assert kept.max_prune_per_group == 0.75 and kept.resolved.cap_note is None
+    # Between the floors at 0.8 and 0.85: raised to 0.85, not further, and said.
+    target = round((floors[0.8] + floors[0.85]) / 2, 4)
+    config = make_config(target_flops=target, epochs=0, round_to=1)
+    raised = compress(config)
+    assert config.max_prune_per_group is None  # the request is recorded as asked
+    assert raised.max_prune_per_group == raised.resolved.max_prune_per_group == 0.85
+    assert raised.prune.achieved_ratio <= target
+    assert any("up to 85% of a group's channels are removed, not 75%" in w for w in raised.warnings)
+    report = json.loads((config.output_dir / "report.json").read_text())
+    assert report["resolved"]["max_prune_per_group"] == 0.85 and report["search"]["max_prune_per_group"] == 0.85
+    meta = {p.key: p.value for p in onnx.load(str(config.output_dir / "model.onnx")).metadata_props}
+    assert json.loads(meta["requested"])["max_prune_per_group"] is None
+    # A cap given is a hard one: the same target is refused at it, naming it.
+    with pytest.raises(TargetUnreachableError, match="at most 75% of each group's channels"):
+        compress(make_config(target_flops=target, epochs=0, round_to=1, max_prune_per_group=0.75, out_dir=tmp_path / "hard"))
+    # Below the floor at the largest cap: refused, naming that cap.
+    with pytest.raises(TargetUnreachableError, match="at most 90% of each group's channels"):
+        compress(make_config(target_flops=round(floors[0.9] * 0.9, 4), epochs=0, round_to=1, out_dir=tmp_path / "below"))

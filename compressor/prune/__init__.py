@@ -22,11 +22,11 @@ from .apply import apply_plan, copy_graph, pruned_copy, pruned_copy_by_tracing, 
 from .plan import (Chunk, HeadChange, LayerChange, PruneResult, PruningPlan, head_changes, min_units,
                    unit_round_to)
 from .scoring import channel_costs, score_groups
-from .screen import (BROKEN_PRUNE, Floor, floor, floor_ratio, held_back, screen_groups, unreachable,
+from .screen import (AUTO_CAPS, BROKEN_PRUNE, DEFAULT_CAP, Floor, capped_floor, caps_for, floor, floor_ratio, held_back, screen_groups, unreachable,
                      unsafe_groups)
 from .search import TOLERANCE, search
 
-__all__ = ["BROKEN_PRUNE", "Chunk", "Floor", "HeadChange", "LayerChange", "PruneResult", "PruningPlan", "TOLERANCE",
+__all__ = ["AUTO_CAPS", "BROKEN_PRUNE", "DEFAULT_CAP", "capped_floor", "caps_for", "Chunk", "Floor", "HeadChange", "LayerChange", "PruneResult", "PruningPlan", "TOLERANCE",
            "apply_plan", "channel_costs", "copy_graph", "floor", "floor_ratio", "head_changes", "held_back", "min_units",
            "pruned_copy", "pruned_copy_by_tracing", "pruned_graph", "score_groups", "screen_groups", "search",
            "unit_round_to", "unreachable", "unsafe_groups"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import flops
+from ..config import DEFAULT_CAP
 from ..errors import GraphError, TargetUnreachableError, one_line
 from ..graph import CouplingGraph
 from ..tp_compat import UnmappedReshape
@@ -152,6 +153,28 @@ def floor(graph: CouplingGraph, *, max_prune_fraction: float, round_to: int = 1,
         macs = flops.measure(pruned_copy(graph, _plan(order)), graph.example_input).macs
     return Floor(ratio=macs / flops.measure(graph.model, graph.example_input).macs, unsafe=unsafe, round_to=round_to,
                  max_prune_fraction=max_prune_fraction)
+
+
+AUTO_CAPS = (DEFAULT_CAP, 0.8, 0.85, 0.9)
+"""Without ``--max-prune-per-group`` the cap is :data:`DEFAULT_CAP`, raised along these steps only as far
+as the FLOPs target needs (a model with groups that cannot be pruned at all otherwise stops short of it);
+a cap given is kept as given."""
+
+
+def caps_for(max_prune_fraction: float | None) -> tuple[float, ...]:
+    """The caps to try in turn: the one given, or :data:`AUTO_CAPS`."""
+    return AUTO_CAPS if max_prune_fraction is None else (max_prune_fraction,)
+
+
+def capped_floor(graph: CouplingGraph, target: float | None, *, caps: tuple[float, ...], round_to: int = 1,
+                 scores: list[torch.Tensor] | None = None) -> Floor:
+    """The :func:`floor` at the first of ``caps`` that reaches ``target`` (the last one's where none does;
+    the first one's without a target)."""
+    for cap in caps:
+        at = floor(graph, max_prune_fraction=cap, round_to=round_to, scores=scores)
+        if target is None or at.ratio <= target:
+            break
+    return at
 
 
 def floor_ratio(graph: CouplingGraph, scores: list[torch.Tensor], *, max_prune_fraction: float,
