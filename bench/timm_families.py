@@ -18,7 +18,11 @@ from torch import nn
 
 NUM_CLASSES = 10
 SIZES = (32, 64, 96, 128, 160, 192, 224)
-"""Input sizes tried, smallest first, until the model's forward accepts one."""
+"""Input sizes tried, smallest first, until the model's forward accepts one; then the model's own
+(``pretrained_cfg.input_size``), for models built for one size only (HaloNet's 256)."""
+MIN_SIZE = {"vgg": 224}
+"""Families whose smaller inputs run in torch but do not export: timm's VGG pools its last feature map
+adaptively to 7x7, which torch's ONNX exporter converts only from a multiple of 7 (224 px and up)."""
 CANDIDATES = 4
 """Models per family built on the meta device to count parameters."""
 
@@ -110,6 +114,12 @@ def build(name: str, *, sizes: tuple[int, ...] = SIZES) -> tuple[nn.Module, torc
     the keyword arguments it was created with. Raises the last forward's error where no size fits."""
     import timm
 
+    own = timm.models.get_pretrained_cfg(name)
+    own_size = own.input_size[-1] if own is not None and own.input_size else None
+    from timm.models._registry import _model_to_module
+
+    sizes = tuple(s for s in sizes if s >= MIN_SIZE.get(_model_to_module.get(name, ""), 0))
+    sizes += (own_size,) if own_size and own_size not in sizes else ()
     last: BaseException | None = None
     for size in sizes:
         for kwargs in ({"img_size": size}, {}):

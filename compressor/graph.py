@@ -194,6 +194,45 @@ def _reroot_attention(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[n
     return None
 
 
+REROOT_TRIES = 4
+"""Narrower members of a group tried as its root (:func:`_reroot_narrowest`), narrowest first."""
+
+
+def _reroot_narrowest(dg: tp.DependencyGraph, group: tp.Group) -> tp.Group:
+    """``group`` rooted at a narrower member whose channels reach every channel of the root, where one exists.
+
+    A ghost module concatenates its primary convolution's output with a depthwise ("cheap") map of that
+    same output: rooted at the concatenation's consumer, channel ``i`` and channel ``init + i`` are one
+    channel twice, so removing three quarters of the root's "units" can remove every channel of the
+    primary convolution, and torch-pruning refuses the group (GhostNet's floor was 0.89). Rooted at the
+    primary convolution, a unit is the real channel and both copies go with it. A group without such
+    duplicates has no narrower member that reaches all of its root, and is returned as it is.
+    """
+    root_dep, root_idxs = group[0].dep, group[0].idxs
+    size = len(root_idxs)
+    tried: set[int] = set()
+    candidates = []
+    for dep, _ in group:
+        module = dep.target.module
+        if not isinstance(module, ROOT_TYPES) or dep is root_dep:
+            continue
+        side = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in" if dg.is_in_channel_pruning_fn(dep.handler) else None
+        width = module_width(module, side) if side else 0
+        if 0 < width < size and size % width == 0 and width not in tried:
+            tried.add(width)
+            candidates.append((width, module, dep.handler))
+    for width, module, handler in sorted(candidates, key=lambda c: c[0])[:REROOT_TRIES]:
+        try:
+            rerooted = dg.get_pruning_group(module, handler, list(range(width)))
+        except (IndexError, ValueError, ArithmeticError):
+            continue
+        reached = {int(i) for dep, idxs in rerooted
+                   if dep.target.module is root_dep.target.module and dep.handler == root_dep.handler for i in idxs}
+        if len(reached) == size:
+            return rerooted
+    return group
+
+
 TRACING = "tracing the model into torch-pruning's dependency graph"
 
 
@@ -303,6 +342,7 @@ def _grouped(model: nn.Module, dg: tp.DependencyGraph, example_input: torch.Tens
             continue
         if group is None:
             continue
+        group = _reroot_narrowest(dg, group)
         broken = dg.out_of_range(group, names) or _multiplier_conv(dg, group, names)
         if broken is not None:
             failed[group[0].dep.target.module] = broken
