@@ -198,3 +198,62 @@ def test_a_forward_failing_in_the_trace_names_the_module_and_the_line():
     assert "in the forward of module 1" in message and "raise RuntimeError" in message
     assert "RuntimeError: this block runs only without autograd" in message
     assert "\n" not in message
+
+
+class Ghost(nn.Module):
+    """A ghost module in miniature (GhostNet V2/V3): a primary convolution, a depthwise map of its output,
+    the two concatenated (each primary channel reaches the concatenation twice) and gated by a
+    convolution of the block's input (the DFC attention), which torch-pruning takes as the group's root."""
+
+    def __init__(self, init: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.gate = nn.Conv2d(8, 2 * init, 1)
+        self.primary = nn.Conv2d(8, init, 1)
+        self.cheap = nn.Conv2d(init, init, 3, padding=1, groups=init)
+        self.mix = nn.Conv2d(2 * init, 8, 1)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).relu()
+        gate = self.gate(x).sigmoid()
+        y = self.primary(x)
+        x = self.mix(torch.cat([y, self.cheap(y)], dim=1) * gate).relu()
+        return self.head(x.mean((2, 3)))
+
+
+class TwoBranches(nn.Module):
+    """A concatenation of two independent convolutions: no channel reaches it twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(torch.cat([self.a(x), self.b(x)], dim=1)).relu()
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_channel_that_reaches_a_concatenation_twice_is_one_unit():
+    torch.manual_seed(0)
+    model, example = Ghost().eval(), torch.randn(1, 1, 8, 8)
+    coupling = graph.trace(model, example)
+    ghost = next(s for s in coupling.groups if "primary" in s.layers)
+    assert (ghost.root, ghost.units) == ("primary", 8)  # not the 16 inputs of mix, each channel counted twice
+    assert {"cheap", "mix", "gate"} <= set(ghost.layers)
+    # The cap counts real channels: three quarters of the primary's 8 can go, both copies each time.
+    floor = pruning.floor(coupling, max_prune_fraction=0.75, round_to=1)
+    assert not floor.unsafe
+    scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
+    pruned, result = pruning.search(coupling, scores, target_ratio=floor.ratio + 0.01, max_prune_fraction=0.75)
+    assert pruned.primary.out_channels == pruned.cheap.out_channels == 2
+    assert pruned.mix.in_channels == pruned.gate.out_channels == 4
+    assert pruned(example).shape == (1, 3)
+
+
+def test_a_concatenation_of_independent_channels_keeps_its_root():
+    coupling = graph.trace(TwoBranches().eval(), torch.randn(1, 1, 8, 8))
+    roots = {s.root: s.units for s in coupling.groups}
+    assert roots.get("a") == 4 and roots.get("b") == 4  # each branch its own group, as before
