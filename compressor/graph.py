@@ -275,7 +275,22 @@ def _trace(model: nn.Module, example_input: torch.Tensor, *, protect: tuple[str,
     except Exception as exc:  # the stage boundary: the model's own forward runs in there, and torch-pruning's analysis
         raise GraphError(f"torch-pruning could not trace the model: {_where(exc, stack)}: {one_line(exc, 200)}",
                          hint="protect the module named (--protect), or report the model") from exc
+    _drop_traced_caches(model)
     return _grouped(model, dg, example_input[:1], protected, attention_pruning)
+
+
+def _drop_traced_caches(model: nn.Module) -> None:
+    """Forget the tensors a module cached during the traced forward (timm's EfficientFormer keeps its
+    attention biases in a dict in eval mode): they carry autograd history, and a model holding one cannot
+    be deep-copied, which every search probe does. Cached dict entries are dropped (the next forward
+    computes them again); a plain tensor attribute is detached."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(module, name, value.detach())
+            elif isinstance(value, dict):
+                for key in [k for k, v in value.items() if isinstance(v, torch.Tensor) and v.grad_fn is not None]:
+                    del value[key]
 
 
 @contextmanager

@@ -257,3 +257,33 @@ def test_a_concatenation_of_independent_channels_keeps_its_root():
     coupling = graph.trace(TwoBranches().eval(), torch.randn(1, 1, 8, 8))
     roots = {s.root: s.units for s in coupling.groups}
     assert roots.get("a") == 4 and roots.get("b") == 4  # each branch its own group, as before
+
+
+class CachingBias(nn.Module):
+    """EfficientFormer's attention in miniature: in eval mode a bias computed from a parameter is cached
+    in a dict, so the traced forward leaves a tensor with autograd history on the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.cache.get("b")
+        if b is None:
+            b = self.bias * 2
+            if torch.is_grad_enabled():  # only the traced forward fills it, here
+                self.cache["b"] = b
+        return self.head(self.conv(x).mean((2, 3)) + b)
+
+
+def test_tensors_cached_by_the_traced_forward_do_not_stop_the_search():
+    model, example = CachingBias().eval(), torch.randn(1, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(example)
+    coupling = graph.trace(model, example)
+    assert not model.cache  # dropped: it carried autograd history, and deep copies refuse such tensors
+    scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
+    pruned, _ = pruning.search(coupling, [torch.ones_like(s) for s in scores], target_ratio=0.99, max_prune_fraction=0.75)
+    assert pruned(example).shape == (1, 3) and torch.allclose(model(example), expected)
