@@ -6,6 +6,7 @@
     python bench/tables.py reconstruct       # accuracy after each step of a prune, and what reconstruction costs
     python bench/tables.py recipe --results bench/results/recipe.json bench/results/recipe_reconstruct.json
     python bench/tables.py pieces            # each piece of the default on or off alone, against the default
+    python bench/tables.py timm              # timm's zoo: each family's outcome, ratio, parity or refusal
 """
 
 from __future__ import annotations
@@ -172,13 +173,27 @@ def cost(path: Path = RESULTS / "cost.json") -> str:
     return "\n".join(lines)
 
 
+def timm(path: Path = RESULTS / "timm_matrix.json") -> str:
+    rows = sorted(json.loads(path.read_text()), key=lambda r: r["family"])
+    passed = sum(r["outcome"] == "pass" for r in rows)
+    lines = [f"{passed} of {len(rows)} families pass ({100 * passed / len(rows):.0f}%).", "",
+             "| family | model | input | cap | achieved ratio | parity (max abs diff / max abs logit) | outcome, or why not |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['achieved_ratio']:.4f}" if r.get("achieved_ratio") is not None else ""
+        parity = f"{r['max_abs_diff']:.1e} / {r['max_abs_logit']:.1f}" if r.get("max_abs_diff") is not None else ""
+        why = r["outcome"] if r["outcome"] == "pass" else f"{r['outcome']}: {r.get('error', '')[:160]}".replace("|", "/")
+        lines.append(f"| {r['family']} | {r['model']} | {r.get('input', '')} | {r.get('cap', '')} | {ratio} | {parity} | {why} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("table", choices=["recipe", "flops", "cost", "reconstruct", "pieces"])
+    p.add_argument("table", choices=["recipe", "flops", "cost", "reconstruct", "pieces", "timm"])
     p.add_argument("--results", type=Path, nargs="+", help="the raw rows to render [default: the table's own file; "
                                                          "recipe takes several]")
     args = p.parse_args()
-    table = {"recipe": recipe, "flops": flops, "cost": cost, "reconstruct": reconstruct, "pieces": pieces}[args.table]
+    table = {"recipe": recipe, "flops": flops, "cost": cost, "reconstruct": reconstruct, "pieces": pieces, "timm": timm}[args.table]
     print(table(*args.results) if args.results else table())
 
 

@@ -121,7 +121,7 @@ def inspect_command(
             table.add_row(literal(g.root), str(g.channels), f"{g.units} heads" if g.heads_of else str(g.units), str(g.layers))
         out.print(table)
         for name, why in report.protected.items():
-            out.print(f"protected: {literal(name)}: {literal(why)}", highlight=False)
+            out.print(f"protected: {literal(name)}: {literal(why)}{report.held_share(name)}", highlight=False)
         how = ("whole heads pruned; head_dim stays" if report.attention_pruning == "heads"
                else "head dimensions pruned alike in every head; num_heads stays")
         for name in report.attention:
@@ -132,7 +132,8 @@ def inspect_command(
         if report.unwrapped:
             out.print(f"unwrapped parameters: {literal(', '.join(report.unwrapped))}", highlight=False)
         for name, why in report.unsafe.items():
-            out.print(f"left unpruned: {literal(name)}: pruning it breaks the model ({literal(why)})", highlight=False)
+            out.print(f"left unpruned: {literal(name)}{report.held_share(name)}: pruning it breaks the model "
+                      f"({literal(why)})", highlight=False)
         if report.min_reachable_ratio is not None:
             cap = max_prune_per_group or DEFAULT_CAP
             out.print(f"smallest reachable FLOPs ratio at --max-prune-per-group {cap:g}: "

@@ -35,5 +35,18 @@ def measure(model: nn.Module, example_input: torch.Tensor) -> Cost:
     return Cost(macs=int(macs), params=int(params))
 
 
+@torch.no_grad()
+def per_module(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """MACs of every named module of ``model`` on ``example_input`` (a parent counts its children; ``""``
+    is the whole model, :func:`measure`'s count)."""
+    was_training = model.training
+    model.eval()
+    try:
+        layer_macs = tp.utils.count_ops_and_params(model, example_input[:1], layer_wise=True)[2]
+    finally:
+        model.train(was_training)
+    return {name: int(layer_macs.get(module, 0)) for name, module in model.named_modules()}
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -50,6 +50,14 @@ class Inspection:
     """The unit of the attention groups: ``"dims"`` (head dimensions) or ``"heads"`` (whole heads)."""
     heads: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Attention module -> ``(num_heads, head_dim)``."""
+    held_macs: dict[str, int] = field(default_factory=dict)
+    """Protected layer or unsafe group's root -> the MACs it holds (the layer's; the group's layers'), which
+    no prune can remove."""
+
+    def held_share(self, name: str) -> str:
+        """`` (N% of the MACs)`` for a protected layer or an unsafe group, or ``""``."""
+        held = self.held_macs.get(name)
+        return f" ({100 * held / self.macs:.1f}% of the MACs)" if held is not None and self.macs else ""
 
 
 def check_prunable(graph: CouplingGraph) -> None:
@@ -83,10 +91,10 @@ def describe(graph: CouplingGraph) -> Inspection:
     layers, attention, frozen and unwrapped parameters (``compress`` reports this as its pre-flight;
     the search adds the floor and the unsafe groups)."""
     model = graph.model
-    cost = flops.measure(model, graph.example_input)
+    macs = flops.per_module(model, graph.example_input)
     names = {p: n for n, p in model.named_parameters()}
     return Inspection(
-        macs=cost.macs, params=cost.params,
+        macs=macs[""], params=flops.measure(model, graph.example_input).params, held_macs={name: macs.get(name, 0) for name in graph.protected},
         groups=[GroupInfo(s.root, s.size, s.units, len(s.layers), s.heads_of) for s in graph.groups],
         protected=dict(graph.protected), attention=list(graph.attention),
         frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
@@ -129,6 +137,10 @@ def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fr
             floors.append(pruning.floor_ratio(graph, scores, max_prune_fraction=cap))
         except TargetUnreachableError:
             floors.append(None)
-    return dataclasses.replace(describe(graph), min_reachable_ratio=floors[0],
+    described = describe(graph)
+    macs = flops.per_module(graph.model, graph.example_input) if unsafe else {}
+    held = {graph.groups[g].root: sum(macs.get(layer, 0) for layer in graph.groups[g].layers) for g in unsafe}
+    return dataclasses.replace(described, min_reachable_ratio=floors[0],
                                min_reachable_ratio_raised=floors[1] if len(floors) > 1 else None,
-                               unsafe={graph.groups[g].root: why for g, why in unsafe.items()})
+                               unsafe={graph.groups[g].root: why for g, why in unsafe.items()},
+                               held_macs=described.held_macs | held)

@@ -166,7 +166,8 @@ def _preflight(i: Inspection | None) -> dict[str, Any] | None:
     if i is None:
         return None
     return {"groups": len(i.groups), "protected": i.protected, "unsafe": i.unsafe, "attention": i.attention,
-            "frozen": i.frozen, "unwrapped": i.unwrapped, "min_reachable_ratio": i.min_reachable_ratio}
+            "frozen": i.frozen, "unwrapped": i.unwrapped, "min_reachable_ratio": i.min_reachable_ratio,
+            "held_macs": i.held_macs}
 
 
 def _targets(r: CompressResult) -> dict[str, Any]:
@@ -305,8 +306,9 @@ def to_markdown(r: CompressResult) -> str:
         lines += ["", "## Pre-flight (what tracing found)", "",
                   f"- {len(i.groups)} prunable groups; smallest reachable FLOPs ratio "
                   f"{_opt(i.min_reachable_ratio)} at `--max-prune-per-group {r.max_prune_per_group:g}`"]
-        lines += [f"- protected `{name}`: {why}" for name, why in i.protected.items()]
-        lines += [f"- left unpruned `{name}` (pruning it breaks the model): {why}" for name, why in i.unsafe.items()]
+        lines += [f"- protected `{name}`{i.held_share(name)}: {why}" for name, why in i.protected.items()]
+        lines += [f"- left unpruned `{name}`{i.held_share(name)} (pruning it breaks the model): {why}"
+                  for name, why in i.unsafe.items()]
         if i.attention:
             lines.append("- attention modules: " + ", ".join(f"`{a}`" for a in i.attention))
         if i.frozen:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -27,6 +29,9 @@ def test_inspection_of_the_vit_finds_heads_position_embedding_and_classifier():
     assert report.frozen == ["patch_embed.weight"]
     assert {g.root for g in report.groups} >= {"blocks.0.fc1", "blocks.0.attn.proj"}
     assert 0 < report.min_reachable_ratio < 0.5
+    head = model.head
+    assert report.held_macs == {"head": head.in_features * head.out_features + head.out_features}  # weights and bias
+    assert report.held_share("head") == f" ({100 * report.held_macs['head'] / report.macs:.1f}% of the MACs)"
 
 
 def test_inspect_command_lists_groups_and_the_floor(model_path):
@@ -91,8 +96,10 @@ def test_inspect_command_lists_the_unsafe_groups(tmp_path):
                                           "--input-shape", "1,8,8"])
 
     assert result.exit_code == 0, result.output
-    assert "left unpruned: conv1: pruning it breaks the model (RuntimeError" in result.stdout
-    assert "smallest reachable FLOPs ratio" in result.stdout
+    out = " ".join(result.stdout.split())  # rich wraps long lines
+    assert re.search(r"left unpruned: conv1 \(\d+\.\d% of the MACs\): pruning it breaks the model \(RuntimeError", out)
+    assert "smallest reachable FLOPs ratio at --max-prune-per-group 0.75" in out
+    assert "smallest reachable FLOPs ratio at 0.9, the most `compress` raises the cap to where a target needs it" in out
 
 
 def test_a_model_with_no_unsafe_group_lists_none():
