@@ -108,14 +108,19 @@ def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int =
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
             )
     except Exception as exc:
+        op = _unsupported_op(exc)
+        where = f" (unsupported operator {op})" if op else ""
+        message = f"ONNX export failed{where}: {one_line(exc, 300, with_type=False)}"
+        hint = "rewrite or replace that operation, or try a newer torch"
         newer = re.search(r"added in (?:opset )?version (\d+)", str(exc))
         if newer and opset < int(newer.group(1)) <= MAX_OPSET:
             torch.backends.mha.set_fastpath_enabled(fastpath)
-            return to_onnx_bytes(model, example_input, opset=int(newer.group(1)))
-        op = _unsupported_op(exc)
-        where = f" (unsupported operator {op})" if op else ""
-        raise ExportError(f"ONNX export failed{where}: {one_line(exc, 300, with_type=False)}",
-                          hint="rewrite or replace that operation, or try a newer torch") from exc
+            try:
+                return to_onnx_bytes(model, example_input, opset=int(newer.group(1)))
+            except ExportError as retried:  # say why the first try failed too: the retry's reason can be obscure
+                raise ExportError(f"{message}; retried at opset {newer.group(1)}, it failed again"
+                                  f"{retried.message.removeprefix('ONNX export failed')}", hint=hint) from exc
+        raise ExportError(message, hint=hint) from exc
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return buffer.getvalue()

@@ -115,3 +115,22 @@ def test_an_operator_added_in_a_later_opset_exports_at_that_opset(tmp_path):
     assert result.opset == 18
     out = open_session(tmp_path / "m.onnx", device="cpu").run(None, {INPUT_NAME: x.numpy()})[0]
     np.testing.assert_allclose(out, model(x).detach().numpy(), atol=1e-5)
+
+
+def test_a_retry_at_a_later_opset_that_fails_too_names_both_reasons(tmp_path, monkeypatch):
+    from compressor.errors import ExportError
+
+    reasons = iter([RuntimeError("Exporting the operator 'aten::col2im' to ONNX opset version 17 is not supported. "
+                                 "Support for this operator was added in version 18"),
+                    TypeError("'NoneType' object is not subscriptable")])
+
+    def failing(*args, **kwargs):
+        raise next(reasons)
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(ExportError) as caught:
+        export_onnx(_Folding().eval(), tmp_path / "m.onnx", example_input=torch.randn(1, 3, 8, 8), metadata={})
+    message = caught.value.message
+    assert message.startswith("ONNX export failed") and "aten::col2im" in message
+    assert "; retried at opset 18, it failed again: 'NoneType' object is not subscriptable" in message
+    assert not (tmp_path / "m.onnx").exists()
