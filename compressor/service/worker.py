@@ -152,10 +152,12 @@ def start_heartbeat(store: Store, slots: int) -> Callable[[], None]:
                 return
 
     store.heartbeat(worker_id, host, pid, slots, started)
-    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    beating = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    beating.start()
 
     def stop() -> None:
         stopped.set()
+        beating.join(timeout=30)  # a beat in flight must not write the row back after it is removed
         store.remove_worker(worker_id)
 
     return stop
