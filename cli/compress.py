@@ -69,7 +69,7 @@ def compress(
                                                "setting; give it many more epochs).")] = False,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs, one OneCycleLR cycle over all of them (0 skips).")] = 5,
     batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 32,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 0.01 for sgd, 0.001 for adamw].")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate [default: 0.005 for sgd, 0.001 for adamw].")] = None,
     optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
     distill: Annotated[bool, typer.Option(help="Distil from the original model's logits while fine-tuning.")] = True,
     distill_alpha: Annotated[float, typer.Option(help="Weight of the distillation term; cross-entropy gets 1 - alpha.")] = 0.7,

@@ -119,7 +119,7 @@ class CompressConfig:
     batch_size: int = 32
     """Fine-tuning batch size."""
     lr: float | None = None
-    """Peak learning rate of the cycle (default: 0.01 for SGD, 0.001 for AdamW; see BENCHMARKS.md for 0.01)."""
+    """Peak learning rate of the cycle (default: 0.005 for SGD, 0.001 for AdamW; BENCHMARKS.md, "Each piece on its own")."""
     optimizer: str = "sgd"
     """``sgd`` (momentum 0.9, Nesterov) or ``adamw``."""
     weight_decay: float = 5e-4
@@ -293,4 +293,4 @@ class CompressConfig:
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 0.01 if self.optimizer == "sgd" else 1e-3
+        return 0.005 if self.optimizer == "sgd" else 1e-3

@@ -59,7 +59,7 @@ def test_nan_distill_temperature_is_rejected(make_config):
 
 def test_output_dir_and_learning_rate_defaults(make_config, model_path):
     assert make_config(out_dir=None).output_dir == Path("runs") / model_path.stem
-    assert make_config().peak_lr == 0.01
+    assert make_config().peak_lr == 0.005
     assert make_config(optimizer="adamw").peak_lr == 1e-3
     assert make_config(lr=0.05).peak_lr == 0.05
 
