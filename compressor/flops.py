@@ -36,16 +36,16 @@ def measure(model: nn.Module, example_input: torch.Tensor) -> Cost:
 
 
 @torch.no_grad()
-def per_module(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+def per_module(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[str, int], int]:
     """MACs of every named module of ``model`` on ``example_input`` (a parent counts its children; ``""``
-    is the whole model, :func:`measure`'s count)."""
+    is the whole model, :func:`measure`'s count), and the parameters :func:`measure` counts: one forward."""
     was_training = model.training
     model.eval()
     try:
-        layer_macs = tp.utils.count_ops_and_params(model, example_input[:1], layer_wise=True)[2]
+        _, params, layer_macs, _ = tp.utils.count_ops_and_params(model, example_input[:1], layer_wise=True)
     finally:
         model.train(was_training)
-    return {name: int(layer_macs.get(module, 0)) for name, module in model.named_modules()}
+    return {name: int(layer_macs.get(module, 0)) for name, module in model.named_modules()}, int(params)
 
 
 def count_params(model: nn.Module) -> int:

@@ -86,15 +86,15 @@ def check_runs(model: nn.Module, example_input: torch.Tensor) -> None:
                         hint="check --input-shape: the channel count and image size the model expects") from exc
 
 
-def describe(graph: CouplingGraph) -> Inspection:
+def describe(graph: CouplingGraph, per_module: tuple[dict[str, int], int] | None = None) -> Inspection:
     """What tracing found, without probing any pruned copy: FLOPs and parameters, groups, protected
     layers, attention, frozen and unwrapped parameters (``compress`` reports this as its pre-flight;
     the search adds the floor and the unsafe groups)."""
     model = graph.model
-    macs = flops.per_module(model, graph.example_input)
+    macs, params = per_module or flops.per_module(model, graph.example_input)
     names = {p: n for n, p in model.named_parameters()}
     return Inspection(
-        macs=macs[""], params=flops.measure(model, graph.example_input).params, held_macs={name: macs.get(name, 0) for name in graph.protected},
+        macs=macs[""], params=params, held_macs={name: macs.get(name, 0) for name in graph.protected},
         groups=[GroupInfo(s.root, s.size, s.units, len(s.layers), s.heads_of) for s in graph.groups],
         protected=dict(graph.protected), attention=list(graph.attention),
         frozen=sorted(n for n, p in model.named_parameters() if not p.requires_grad),
@@ -137,8 +137,8 @@ def inspect_model(model: nn.Module, example_input: torch.Tensor, *, max_prune_fr
             floors.append(pruning.floor_ratio(graph, scores, max_prune_fraction=cap))
         except TargetUnreachableError:
             floors.append(None)
-    described = describe(graph)
-    macs = flops.per_module(graph.model, graph.example_input) if unsafe else {}
+    counted = flops.per_module(graph.model, graph.example_input)
+    described, macs = describe(graph, counted), counted[0]
     held = {graph.groups[g].root: sum(macs.get(layer, 0) for layer in graph.groups[g].layers) for g in unsafe}
     return dataclasses.replace(described, min_reachable_ratio=floors[0],
                                min_reachable_ratio_raised=floors[1] if len(floors) > 1 else None,
