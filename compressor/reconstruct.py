@@ -258,22 +258,40 @@ def _error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float:
 def solve(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, *, ridge: float, intercept: bool) -> torch.Tensor:
     """Ridge least squares per group: ``argmin ||x w - y||^2 + lam ||w - w0||^2`` with ``x`` [G, rows, d],
     ``y`` [G, rows, o], ``w0`` [G, d, o]; ``lam`` is ``ridge`` times the mean diagonal of ``x^T x``, and the
-    last column of ``x`` (the intercept, where ``intercept``) is not pulled."""
-    # Products in float32 (thousands of rows, well within its precision), the solve in float64.
-    gram = torch.bmm(x.transpose(1, 2), x).double()
-    d = gram.shape[-1]
-    pulled = torch.ones(d, dtype=torch.float64, device=x.device)
+    last column of ``x`` (the intercept, where ``intercept``) is not pulled.
+
+    Solved for the change from ``w0``; an unpulled intercept is the same as centring ``x`` and the residual
+    (the intercept then takes the means). Where a layer has fewer rows than weights per output (the wide
+    layers deep in a large model, fitted on a few dozen images), the same change comes from the rows x rows
+    system (``x^T (x x^T + lam)^-1``), far smaller than the weights x weights one."""
+    pulled = x.shape[-1] - int(intercept)
+    xs = x[..., :pulled]
+    residual = y - torch.bmm(x, w0)
+    lam = ridge * (xs ** 2).sum(1).mean(1).double().clamp_min(1e-12)  # [G]
     if intercept:
-        pulled[-1] = 0
-    scale = (gram.diagonal(dim1=1, dim2=2) * pulled).sum(1) / pulled.sum().clamp_min(1)
-    lam = (ridge * scale.clamp_min(1e-12))[:, None] * pulled
-    rhs = torch.bmm(x.transpose(1, 2), y).double() + lam[:, :, None] * w0.double()
-    a = gram + torch.diag_embed(lam)
+        x_mean, r_mean = xs.mean(1, keepdim=True), residual.mean(1, keepdim=True)
+        xs, residual = xs - x_mean, residual - r_mean
+    rows = xs.shape[1]
+    # Products in float32 (thousands of rows, well within its precision), the solve in float64.
+    if rows < pulled:
+        eye = torch.eye(rows, dtype=torch.float64, device=x.device)
+        a = torch.bmm(xs, xs.transpose(1, 2)).double() + lam[:, None, None] * eye
+        delta = torch.bmm(xs.transpose(1, 2).double(), _solve(a, residual.double()))
+    else:
+        eye = torch.eye(pulled, dtype=torch.float64, device=x.device)
+        a = torch.bmm(xs.transpose(1, 2), xs).double() + lam[:, None, None] * eye
+        delta = _solve(a, torch.bmm(xs.transpose(1, 2), residual).double())
+    delta = delta.to(x.dtype)
+    if intercept:
+        delta = torch.cat([delta, r_mean - torch.bmm(x_mean, delta)], 1)
+    return w0 + delta
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     try:
-        w = torch.linalg.solve(a, rhs)
+        return torch.linalg.solve(a, b)
     except RuntimeError:  # singular (e.g. a dead input with no pull): the least-norm solution
-        w = torch.linalg.lstsq(a, rhs).solution
-    return w.to(x.dtype)
+        return torch.linalg.lstsq(a, b).solution
 
 
 @torch.no_grad()

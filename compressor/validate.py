@@ -210,6 +210,11 @@ MIN_ROUNDS_SLOW = 3
 SLOW_ROUND_S = 1.0
 """A round (every session once) longer than this (a large model at batch 64) may settle after MIN_ROUNDS_SLOW:
 such runs are long enough that scheduling noise is a small part of each."""
+ROUNDS_BUDGET_S = 15.0
+"""Timing two models also stops once its rounds have taken this many seconds (after the minimum rounds),
+settled or not: a large model at batch 64 on a few CPU cores (seconds a run, tens of percent of noise) is
+otherwise timed for a minute to pin a ratio the report gives to two digits. The spread the report gives
+with each median says how precise it is."""
 WARMUP_S = 1.0
 """Warm-up stops after this many seconds of a session's runs (at least one run), or after ``warmup`` runs."""
 
@@ -219,7 +224,8 @@ def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs:
     """Milliseconds of up to ``runs`` runs of each session on ``feed``, timed interleaved so drift hits all alike.
 
     The order rotates from one round to the next, so no session always runs on a warmer cache. ``settle``
-    (two sessions): stop once the ratio of their times is that precise (see :data:`SETTLE`).
+    (two sessions): stop once the ratio of their times is that precise (see :data:`SETTLE`), or once the
+    rounds have taken :data:`ROUNDS_BUDGET_S`.
     """
     for session in sessions:
         start = time.perf_counter()
@@ -229,6 +235,7 @@ def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs:
                 break
     times: list[list[float]] = [[] for _ in sessions]
     min_rounds = MIN_ROUNDS
+    started = time.perf_counter()
     for i in range(runs):
         if check is not None:
             check()
@@ -243,6 +250,8 @@ def interleaved_times(sessions: list[Any], feed: dict[str, np.ndarray], *, runs:
         if settle is not None and len(sessions) == 2 and i + 1 >= min_rounds and i + 1 < runs:
             ratios = [c / o for o, c in zip(*times)]
             if iqr(ratios) / math.sqrt(len(ratios)) <= settle * statistics.median(ratios):
+                break
+            if time.perf_counter() - started > ROUNDS_BUDGET_S:
                 break
     return times
 

@@ -287,3 +287,61 @@ def test_tensors_cached_by_the_traced_forward_do_not_stop_the_search():
     scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
     pruned, _ = pruning.search(coupling, [torch.ones_like(s) for s in scores], target_ratio=0.99, max_prune_fraction=0.75)
     assert pruned(example).shape == (1, 3) and torch.allclose(model(example), expected)
+
+
+def _densenet_block() -> nn.Module:
+    """Concatenations that grow: each layer reads every earlier output (DenseNet), so a group's channels
+    sit at offsets that the groups before it change."""
+
+    class Dense(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.a = nn.Sequential(nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+            self.b = nn.Sequential(nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1))
+            self.c = nn.Sequential(nn.BatchNorm2d(48), nn.ReLU(), nn.Conv2d(48, 32, 1))
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            x = torch.cat([x, self.a(x)], 1)
+            x = torch.cat([x, self.b(x)], 1)
+            return self.head(self.c(x).mean((2, 3)))
+
+    return Dense()
+
+
+@pytest.mark.parametrize(("make", "heads"), [
+    (_densenet_block, False), (lambda: TinyMHA(), False), (lambda: TinyMHA(), True), (lambda: MultiplierDepthwise(), False),
+    (lambda: CrossStage(), False), (lambda: Ghost(), False),
+], ids=["concatenations", "attention-dims", "attention-heads", "depthwise", "cross-stage", "ghost"])
+def test_a_probe_copy_is_the_prune_the_graph_makes(make, heads):
+    """The search's probes cut a bare copy of the model from each group's walk of the unpruned graph; the
+    run prunes by the graph, group after group. Both must give the same model, parameter for parameter."""
+    from compressor.prune.apply import probe_copy
+    from compressor.prune.plan import _chunks, _plan
+
+    torch.manual_seed(0)
+    model = make().eval()
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    example = torch.randn(1, first.in_channels, 16, 16)
+    coupling = graph.trace(model, example, attention_pruning="heads" if heads else "dims")
+    g = torch.Generator().manual_seed(1)
+    order = _chunks(coupling.groups, [torch.rand(s.units, generator=g) for s in coupling.groups], max_fraction=0.75,
+                    round_to=1)
+    assert len({c[0] for c in order}) >= 2  # plans that prune several groups at once
+    for cut in (len(order) // 3, 2 * len(order) // 3, len(order)):
+        plan = _plan(order[:cut])
+        fast, slow = probe_copy(coupling, plan), pruning.pruned_copy(coupling, plan)
+        assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in slow.state_dict().items()}
+        for (name, a), b in zip(fast.state_dict().items(), slow.state_dict().values()):
+            assert torch.equal(a, b), name
+        with torch.no_grad():
+            try:
+                expected = slow(example)
+            except RuntimeError:  # a plan that breaks the model (the search leaves such groups out) breaks both
+                with pytest.raises(RuntimeError):
+                    fast(example)
+                continue
+            assert torch.equal(fast(example), expected)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in make().parameters())  # untouched

@@ -350,9 +350,23 @@ def test_slow_rounds_settle_after_fewer_rounds(monkeypatch):
     original, compressed = _Session(clock, [long]), _Session(clock, [long / 2])
     o, c = validate.interleaved_times([original, compressed], {}, runs=10, warmup=5, settle=validate.SETTLE)
     assert len(o) == len(c) == validate.MIN_ROUNDS_SLOW < validate.MIN_ROUNDS
-    swinging = _Session(clock, [long / 4, long])  # a ratio that swings still runs every round
+    swinging = _Session(clock, [long / 4, long])  # a ratio that swings runs every round it has time for
     o, _ = validate.interleaved_times([_Session(clock, [long]), swinging], {}, runs=10, warmup=5, settle=validate.SETTLE)
-    assert len(o) == 10
+    assert len(o) == 10  # 10 rounds of 1.25-2 s: within ROUNDS_BUDGET_S
+    o, _ = validate.interleaved_times([_Session(clock, [long]), swinging], {}, runs=30, warmup=5, settle=validate.SETTLE)
+    assert len(o) == 10  # then the budget stops it: rounds of 1.25 or 2 s, the 10th the first to end past 15 s
+
+
+def test_timing_stops_after_its_time_budget(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(validate.time, "perf_counter", lambda: clock[0])
+    round_ms = validate.ROUNDS_BUDGET_S * 1e3 / 4  # a round a quarter of the budget: ResNet-50 at batch 64
+    swinging = _Session(clock, [round_ms / 4, round_ms / 2])
+    o, _ = validate.interleaved_times([_Session(clock, [round_ms / 2]), swinging], {}, runs=10, warmup=1,
+                                      settle=validate.SETTLE)
+    assert len(o) == 5  # unsettled, but the 5th round ends past the budget
+    o, _ = validate.interleaved_times([_Session(clock, [round_ms / 2]), swinging], {}, runs=10, warmup=1)
+    assert len(o) == 10  # without settle (one model, or a benchmark), every round asked for
 
 
 def test_warm_up_stops_after_its_time_budget(monkeypatch):

@@ -71,6 +71,22 @@ def test_a_convolution_is_refitted_to_the_direct_least_squares_solution():
     assert [f.name for f in result.layers if f.applied] == ["2"] and not result.skipped
 
 
+@pytest.mark.parametrize("rows", [30, 80])  # fewer rows than weights (the rows x rows system), and more
+def test_the_ridge_solution_is_the_one_worked_out_directly(rows):
+    g = torch.Generator().manual_seed(3)
+    d, o, groups = 50, 4, 2
+    x = torch.cat([torch.randn(groups, rows, d, generator=g), torch.ones(groups, rows, 1)], -1)
+    y, w0 = torch.randn(groups, rows, o, generator=g), torch.randn(groups, d + 1, o, generator=g)
+    w = R.solve(x, y, w0, ridge=0.1, intercept=True)
+    for k in range(groups):  # (x^T x + L) w = x^T y + L w0, L = lam on every weight but the intercept's
+        xk, yk, w0k = x[k].double(), y[k].double(), w0[k].double()
+        pull = torch.ones(d + 1, dtype=torch.float64)
+        pull[-1] = 0
+        lam = 0.1 * (xk[:, :d] ** 2).sum(0).mean() * pull
+        direct = torch.linalg.solve(xk.T @ xk + torch.diag(lam), xk.T @ yk + lam[:, None] * w0k)
+        assert torch.allclose(w[k].double(), direct, atol=1e-4, rtol=1e-4)
+
+
 def test_a_grouped_convolution_is_solved_per_group():
     torch.manual_seed(1)
     reference = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2)).eval()

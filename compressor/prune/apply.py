@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -15,6 +17,7 @@ from .plan import PruningPlan
 
 def apply_plan(graph: CouplingGraph, plan: PruningPlan) -> None:
     """Remove the plan's channels from ``graph.model`` in place."""
+    _REMOVALS.pop(graph.dg, None)  # its model changes: what it maps to no longer holds
     for g, units in plan.removed.items():
         spec = graph.groups[g]
         if not units:
@@ -80,3 +83,86 @@ def _pruned_graph_by_tracing(graph: CouplingGraph, plan: PruningPlan) -> Couplin
         raise GraphError("tracing a copy of the model gave different groups; the model's forward is not deterministic")
     apply_plan(traced, plan)
     return regroup(traced)
+
+
+# -- a probe's pruned copy, without walking the graph ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Removal:
+    """What removing one root channel of a group does to one layer (or parameter) of the model."""
+
+    target: str
+    """Module name, or the parameter's name (``param``)."""
+    param: bool
+    fn: object
+    """torch-pruning's pruning function (a bound method of its pruner)."""
+    dim: int | None
+    """The pruner's ``pruning_dim`` for this target."""
+    idx: int
+
+
+_REMOVALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Dependency graph -> group index -> root channel -> the removals it brings, in the unpruned model's
+indices (one walk of torch-pruning's graph per group, made once)."""
+
+
+def _removals(graph: CouplingGraph, g: int) -> dict[int, list[_Removal]]:
+    per_group = _REMOVALS.setdefault(graph.dg, {})
+    if g not in per_group:
+        spec = graph.groups[g]
+        names = graph.dg._module2name
+        params = graph.dg._param_to_name
+        by_root: dict[int, list[_Removal]] = {}
+        for item in graph.tp_group(spec):
+            target = item.dep.target
+            if isinstance(target.module, nn.Parameter):
+                key, param = params.get(target.module), True
+            else:
+                key, param = names.get(target.module), False
+            if key is None:  # an op node (add, concat, split, reshape): nothing of the model's to cut
+                continue
+            for idx, root in zip(item.idxs, item.root_idxs):
+                by_root.setdefault(int(root), []).append(_Removal(key, param, item.dep.handler, target.pruning_dim, int(idx)))
+        per_group[g] = by_root
+    return per_group[g]
+
+
+def probe_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
+    """A copy of ``graph.model`` pruned by ``plan`` as :func:`pruned_copy` prunes it, without copying the
+    graph or walking it per probe: each group's walk (made once, on the unpruned graph) says which
+    channels of which layers a root channel takes with it, and every layer is cut once, by the union
+    of what the plan's groups take from it, in the unpruned model's indices. What torch-pruning does
+    step by step (each group's walk on the graph the previous groups left) comes to the same cut; the
+    search checks that on the plan it chooses (:func:`pruned_graph` then prunes by the graph).
+    """
+    from ..errors import GraphError
+
+    cuts: dict[tuple[str, bool, object, int | None], set[int]] = {}
+    for g, units in plan.removed.items():
+        table = _removals(graph, g)
+        for channel in graph.groups[g].expand(units):
+            for r in table.get(channel, ()):
+                cuts.setdefault((r.target, r.param, r.fn, r.dim), set()).add(r.idx)
+    dg = graph.dg
+    for (target, param, fn, _), idxs in cuts.items():
+        if param:
+            continue
+        module = graph.model.get_submodule(target)
+        width = dg.get_out_channels(module) if dg.is_out_channel_pruning_fn(fn) else dg.get_in_channels(module)
+        if width is not None and width <= len(idxs):
+            raise GraphError(f"torch-pruning refused to prune {target!r}: the plan removes all of its channels")
+    model = copy.deepcopy(graph.model)
+    for g, units in plan.removed.items():
+        drop_heads(model, graph.groups[g].heads_of, len(units))
+    for (target, param, fn, dim), idxs in cuts.items():
+        pruner = fn.__self__
+        pruner.pruning_dim = dim
+        if param:
+            owner, _, attr = target.rpartition(".")
+            parent = model.get_submodule(owner)
+            setattr(parent, attr, fn(getattr(parent, attr), sorted(idxs)))
+        else:
+            fn(model.get_submodule(target), sorted(idxs))
+    patch_attention(model)
+    return model

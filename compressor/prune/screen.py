@@ -13,7 +13,7 @@ from ..config import DEFAULT_CAP
 from ..errors import GraphError, TargetUnreachableError, one_line
 from ..graph import CouplingGraph
 from ..tp_compat import UnmappedReshape
-from .apply import pruned_copy
+from .apply import probe_copy, pruned_copy
 from .plan import Chunk, _chunks, _plan
 
 BROKEN_PRUNE: tuple[type[BaseException], ...] = (
@@ -33,7 +33,7 @@ is a bug, ours or a plug-in's, and propagates instead of becoming "this group br
 def _breaks(graph: CouplingGraph, chunks: list[Chunk]) -> str | None:
     """Why pruning ``chunks`` from a copy breaks the model (pruning or the forward fails), or None."""
     try:
-        model = pruned_copy(graph, _plan(chunks))
+        model = probe_copy(graph, _plan(chunks))
         with torch.no_grad():
             model(graph.example_input)
     except BROKEN_PRUNE as exc:

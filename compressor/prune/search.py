@@ -14,7 +14,7 @@ from torch import nn
 from .. import flops
 from ..errors import GraphError, TargetUnreachableError, one_line
 from ..graph import CouplingGraph, regroup
-from .apply import _pruned_graph_by_tracing, apply_plan, copy_graph, pruned_graph
+from .apply import _pruned_graph_by_tracing, apply_plan, copy_graph, probe_copy, pruned_graph
 from .plan import Chunk, LayerChange, PruneResult, _chunks, _plan, head_changes, min_units, unit_round_to
 from .screen import BROKEN_PRUNE, Floor, held_back, screen_groups, unreachable
 
@@ -90,6 +90,16 @@ def search(
     closest: list = [None, -1.0]  # the plan closest below the target seen so far, and its ratio
 
     tried: list = [[]]  # the chunks of the latest probe
+    fast = [True]
+    """Probes prune a bare copy of the model (:func:`probe_copy`); off once that differs from the graph's prune."""
+
+    def pruned_by_graph(chunks: list[Chunk]) -> CouplingGraph:
+        try:
+            twin = copy_graph(graph)
+            apply_plan(twin, _plan(chunks))
+        except RecursionError:
+            twin = _pruned_graph_by_tracing(graph, _plan(chunks))
+        return twin
 
     def probe(chunks: list[Chunk]) -> tuple[nn.Module, float]:
         nonlocal probes
@@ -97,13 +107,10 @@ def search(
         key = tuple(sorted(chunks))
         if key not in cache:
             probes += 1
-            try:
-                twin = copy_graph(graph)
-                apply_plan(twin, _plan(chunks))
-            except RecursionError:
-                twin = _pruned_graph_by_tracing(graph, _plan(chunks))
+            twin = None if fast[0] else pruned_by_graph(chunks)
+            model = probe_copy(graph, _plan(chunks)) if twin is None else twin.model
             cache.clear()  # keep one pruned copy in memory at a time
-            cache[key] = (twin.model, flops.measure(twin.model, graph.example_input), twin)
+            cache[key] = (model, flops.measure(model, graph.example_input), twin)
         model, cost, _ = cache[key]
         ratio = cost.macs / original.macs
         if ratio <= target_ratio and ratio > closest[1]:
@@ -186,6 +193,21 @@ def search(
                     raise unreachable(target_ratio, floor_ratio, max_prune_fraction=max_prune_fraction,
                                       held=held_back(graph, {graph.groups[g].root: why for g, why in unsafe.items()}))
             chosen, model, ratio, off_multiple = settle(order)
+            if fast[0]:
+                # The plan chosen, pruned by the graph as the run will prune it: the same MACs, or the
+                # search runs again on probes pruned that way.
+                tried[0] = list(chosen)
+                twin = pruned_by_graph(chosen)
+                cost = flops.measure(twin.model, graph.example_input)
+                if cost.macs != cache[tuple(sorted(chosen))][1].macs:
+                    fast[0] = False
+                    cache.clear()
+                    closest[:] = [None, -1.0]
+                    chosen, model, ratio, off_multiple = settle(order)
+                else:
+                    model = twin.model
+                    cache.clear()
+                    cache[tuple(sorted(chosen))] = (model, cost, twin)
             break
         except BROKEN_PRUNE as exc:
             # A combination of widths the first probe did not try breaks the model (a head count or a
