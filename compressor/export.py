@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import warnings
@@ -90,9 +91,25 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int = OPSET) -> bytes:
-    """Serialise ``model`` (on the CPU, eval mode) to ONNX with a dynamic batch axis."""
-    buffer = io.BytesIO()
+    """Serialise ``model`` (on the CPU, eval mode) to ONNX with a dynamic batch axis.
+
+    The TorchScript-based exporter first (fast, and it handles the dynamic batch axis of every
+    architecture we test); where it fails, the dynamo exporter (onnxscript), which decomposes what the
+    first has no symbolic for (``nn.Unfold`` of unknown size: HaloNet; antialiased bicubic resizing:
+    NaFlexViT) at a cost of seconds to a minute."""
     model = model.cpu().eval()
+    try:
+        return _torchscript_bytes(model, example_input, opset=opset)
+    except ExportError as first:
+        try:
+            return _dynamo_bytes(model, example_input)
+        except ExportError as second:
+            raise ExportError(f"{first.message}; the dynamo exporter failed too: {second.message}",
+                              hint=first.hint) from first
+
+
+@contextmanager
+def _export_mode(model: nn.Module, example_input: torch.Tensor):
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         # Under no_grad in eval mode nn.MultiheadAttention takes a fused kernel that has no ONNX
@@ -100,8 +117,15 @@ def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int =
         torch.backends.mha.set_fastpath_enabled(False)
         with warnings.catch_warnings(), torch.no_grad(), _exportable_pools(model, example_input[:1].cpu()):
             warnings.simplefilter("ignore")
-            # The TorchScript-based exporter: it needs no extra package and handles the dynamic batch
-            # axis of every architecture we test; the dynamo exporter needs onnxscript.
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _torchscript_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int) -> bytes:
+    buffer = io.BytesIO()
+    try:
+        with _export_mode(model, example_input):
             torch.onnx.export(
                 model, (example_input[:1].cpu(),), buffer, dynamo=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -114,16 +138,41 @@ def to_onnx_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: int =
         hint = "rewrite or replace that operation, or try a newer torch"
         newer = re.search(r"added in (?:opset )?version (\d+)", str(exc))
         if newer and opset < int(newer.group(1)) <= MAX_OPSET:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
             try:
-                return to_onnx_bytes(model, example_input, opset=int(newer.group(1)))
+                return _torchscript_bytes(model, example_input, opset=int(newer.group(1)))
             except ExportError as retried:  # say why the first try failed too: the retry's reason can be obscure
                 raise ExportError(f"{message}; retried at opset {newer.group(1)}, it failed again"
                                   f"{retried.message.removeprefix('ONNX export failed')}", hint=hint) from exc
         raise ExportError(message, hint=hint) from exc
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
     return buffer.getvalue()
+
+
+def _dynamo_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
+    """The dynamo exporter's graph, traced at batch 2 (torch.export takes a dimension of size 1 for a
+    constant), refused where it still fixed the batch size."""
+    import logging
+
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [log.level for log in quiet]
+    try:
+        for log in quiet:
+            log.setLevel(logging.ERROR)
+        with _export_mode(model, example_input), contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                model, (example_input[:1].cpu().expand(2, *example_input.shape[1:]).contiguous(),), dynamo=True,
+                opset_version=MAX_OPSET, verbose=False,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+        proto = program.model_proto
+    except Exception as exc:
+        raise ExportError(one_line(exc, 200)) from exc
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    if not dims or not dims[0].dim_param:
+        raise ExportError("its graph fixes the batch size (the forward reshapes by the example's batch)")
+    return proto.SerializeToString()
 
 
 def export_onnx(model: nn.Module, path: Path, *, example_input: torch.Tensor,

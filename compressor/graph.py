@@ -144,6 +144,21 @@ def _multiplier_conv(dg: tp.DependencyGraph, group: tp.Group, names: dict[nn.Mod
     return None
 
 
+_MAGNITUDE = tp.importance.GroupMagnitudeImportance(p=2)
+
+
+def _unscorable(group: tp.Group) -> str | None:
+    """Why ``group`` cannot be pruned where torch-pruning mapped its channels inconsistently (every index
+    within its layer's width, yet the items disagree on which root channel they belong to, as through
+    MambaOut's gated split): scoring it by weight magnitude indexes past a tensor; None where it scores."""
+    try:
+        with torch.no_grad():
+            _MAGNITUDE(group)
+    except (IndexError, RuntimeError) as exc:
+        return f"torch-pruning maps its channels in a way no criterion can score ({one_line(exc, 120)})"
+    return None
+
+
 def _channel_groups(dg: tp.DependencyGraph, group: tp.Group, num_heads: dict[nn.Module, int]) -> int:
     blocks = set(_heads_in(dg, group, num_heads).values())
     blocks |= _conv_groups(group)
@@ -358,7 +373,7 @@ def _grouped(model: nn.Module, dg: tp.DependencyGraph, example_input: torch.Tens
         if group is None:
             continue
         group = _reroot_narrowest(dg, group)
-        broken = dg.out_of_range(group, names) or _multiplier_conv(dg, group, names)
+        broken = dg.out_of_range(group, names) or _multiplier_conv(dg, group, names) or _unscorable(group)
         if broken is not None:
             failed[group[0].dep.target.module] = broken
             continue

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from compressor import criteria, flops, graph, pruning
+from compressor import export
+from compressor.errors import ExportError
 from compressor.export import INPUT_NAME, export_onnx
 from compressor.models import create_model, list_models
 from compressor.validate import open_session
@@ -122,7 +124,8 @@ def test_a_retry_at_a_later_opset_that_fails_too_names_both_reasons(tmp_path, mo
 
     reasons = iter([RuntimeError("Exporting the operator 'aten::col2im' to ONNX opset version 17 is not supported. "
                                  "Support for this operator was added in version 18"),
-                    TypeError("'NoneType' object is not subscriptable")])
+                    TypeError("'NoneType' object is not subscriptable"),
+                    RuntimeError("dynamo: no decomposition")])
 
     def failing(*args, **kwargs):
         raise next(reasons)
@@ -133,4 +136,38 @@ def test_a_retry_at_a_later_opset_that_fails_too_names_both_reasons(tmp_path, mo
     message = caught.value.message
     assert message.startswith("ONNX export failed") and "aten::col2im" in message
     assert "; retried at opset 18, it failed again: 'NoneType' object is not subscriptable" in message
+    assert message.endswith("; the dynamo exporter failed too: RuntimeError: dynamo: no decomposition")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class _Antialiased(torch.nn.Module):
+    """A resize with antialiasing (NaFlexViT's position embeddings): the TorchScript exporter has no symbolic for it."""
+
+    def __init__(self, batch_fixed: bool = False) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4 * 4 * 4, 10)
+        self.batch_fixed = batch_fixed
+
+    def forward(self, x):
+        y = torch.nn.functional.interpolate(self.conv(x), size=(4, 4), mode="bicubic", antialias=True)
+        return self.head(y.reshape(2 if self.batch_fixed else y.shape[0], -1))
+
+
+def test_what_the_torchscript_exporter_cannot_export_goes_through_the_dynamo_exporter(tmp_path):
+    model, x = _Antialiased().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ExportError):  # the first exporter alone fails
+        export._torchscript_bytes(model, x, opset=export.OPSET)
+    export_onnx(model, tmp_path / "m.onnx", example_input=x, metadata={"arch": "toy"})
+    batch = torch.randn(3, 3, 8, 8)  # the batch axis stays dynamic
+    out = open_session(tmp_path / "m.onnx", device="cpu").run(None, {INPUT_NAME: batch.numpy()})[0]
+    np.testing.assert_allclose(out, model(batch).detach().numpy(), atol=1e-5)
+
+
+def test_a_dynamo_export_that_fixes_the_batch_size_is_refused_with_both_reasons(tmp_path):
+    with pytest.raises(ExportError) as caught:
+        export_onnx(_Antialiased(batch_fixed=True).eval(), tmp_path / "m.onnx", example_input=torch.randn(1, 3, 8, 8),
+                    metadata={})
+    message = caught.value.message
+    assert message.startswith("ONNX export failed") and "; the dynamo exporter failed too: " in message
     assert not (tmp_path / "m.onnx").exists()
