@@ -107,7 +107,8 @@ _REMOVALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 indices (one walk of torch-pruning's graph per group, made once)."""
 
 
-def _removals(graph: CouplingGraph, g: int) -> dict[int, list[_Removal]]:
+def _removals(graph: CouplingGraph, g: int) -> dict[int, list[_Removal]] | None:
+    """The group's table (see :data:`_REMOVALS`), or None where some channel's root is unknown."""
     per_group = _REMOVALS.setdefault(graph.dg, {})
     if g not in per_group:
         spec = graph.groups[g]
@@ -122,7 +123,11 @@ def _removals(graph: CouplingGraph, g: int) -> dict[int, list[_Removal]]:
                 key, param = names.get(target.module), False
             if key is None:  # an op node (add, concat, split, reshape): nothing of the model's to cut
                 continue
-            for idx, root in zip(item.idxs, item.root_idxs):
+            roots = item.root_idxs or ()
+            if len(roots) != len(item.idxs) or any(r is None for r in roots):
+                by_root = None  # a channel torch-pruning cannot trace back to the root: walk per probe
+                break
+            for idx, root in zip(item.idxs, roots):
                 by_root.setdefault(int(root), []).append(_Removal(key, param, item.dep.handler, target.pruning_dim, int(idx)))
         per_group[g] = by_root
     return per_group[g]
@@ -134,13 +139,18 @@ def probe_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
     channels of which layers a root channel takes with it, and every layer is cut once, by the union
     of what the plan's groups take from it, in the unpruned model's indices. What torch-pruning does
     step by step (each group's walk on the graph the previous groups left) comes to the same cut; the
-    search checks that on the plan it chooses (:func:`pruned_graph` then prunes by the graph).
+    search checks that on the plan it chooses (:func:`pruned_graph` then prunes by the graph). A plan
+    with a group some of whose channels torch-pruning cannot trace back to its root is pruned by the
+    graph (:func:`pruned_copy`).
     """
     from ..errors import GraphError
 
+    tables = {g: _removals(graph, g) for g in plan.removed}
+    if any(table is None for table in tables.values()):
+        return pruned_copy(graph, plan)
     cuts: dict[tuple[str, bool, object, int | None], set[int]] = {}
     for g, units in plan.removed.items():
-        table = _removals(graph, g)
+        table = tables[g]
         for channel in graph.groups[g].expand(units):
             for r in table.get(channel, ()):
                 cuts.setdefault((r.target, r.param, r.fn, r.dim), set()).add(r.idx)
