@@ -7,12 +7,21 @@ prints each way's seconds, achieved ratio, probes and unsafe groups, and SAME or
 Results: bench/results/probe_copy.txt (random weights, random scores seeded per group, target 0.5,
 cap 0.75, round_to 16; the input size the timm matrix uses).
 """
-import sys, time, torch, timm
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+import importlib
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from compressor import graph as G  # noqa: E402
+from compressor.prune.apply import pruned_copy  # noqa: E402
+
+search = importlib.import_module("compressor.prune.search")  # the module (compressor.prune.search is the function)
+screen = importlib.import_module("compressor.prune.screen")
 torch.set_num_threads(2)
-from compressor import graph as G
-import importlib; S = importlib.import_module("compressor.prune.search")
-SM = S
 name, size = sys.argv[1], int(sys.argv[2])
 try:
     m = timm.create_model(name, pretrained=False, num_classes=10, img_size=size).eval()
@@ -23,13 +32,11 @@ g = G.trace(m, x)
 scores = [torch.rand(s.units, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(g.groups)]
 res = {}
 for mode in ("fast", "slow"):
-    if mode == "slow":
-        from compressor.prune.apply import pruned_copy
-        SM.probe_copy = pruned_copy
-        importlib.import_module("compressor.prune.screen").probe_copy = pruned_copy
+    if mode == "slow":  # every probe, and the screen's, pruned by the graph
+        search.probe_copy = screen.probe_copy = pruned_copy
     t = time.perf_counter()
     try:
-        model, r = S.search(g, scores, target_ratio=0.5, max_prune_fraction=0.75, round_to=16)
+        model, r = search.search(g, scores, target_ratio=0.5, max_prune_fraction=0.75, round_to=16)
         res[mode] = (r.plan, round(r.achieved_ratio, 5), r.probes, sorted(r.unsafe))
     except Exception as e:
         res[mode] = ("ERR", type(e).__name__, str(e)[:200])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import warnings
 from contextlib import contextmanager
@@ -150,8 +151,6 @@ def _torchscript_bytes(model: nn.Module, example_input: torch.Tensor, *, opset: 
 def _dynamo_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
     """The dynamo exporter's graph, traced at batch 2 (torch.export takes a dimension of size 1 for a
     constant), refused where it still fixed the batch size."""
-    import logging
-
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [log.level for log in quiet]
     try:

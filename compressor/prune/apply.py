@@ -60,14 +60,20 @@ def pruned_graph(graph: CouplingGraph, plan: PruningPlan) -> CouplingGraph:
     return regroup(twin)
 
 
-def pruned_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
-    """A pruned deep copy of ``graph.model`` (see :func:`pruned_graph`); the original is untouched."""
+def pruned_twin(graph: CouplingGraph, plan: PruningPlan) -> CouplingGraph:
+    """A copy of ``graph`` pruned by ``plan`` (its groups those of ``graph``, not listed anew; traced
+    afresh where the graph is too deep to copy); the original is untouched."""
     try:
         twin = copy_graph(graph)
     except RecursionError:
-        return pruned_copy_by_tracing(graph, plan)
+        return _pruned_graph_by_tracing(graph, plan)
     apply_plan(twin, plan)
-    return twin.model
+    return twin
+
+
+def pruned_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
+    """A pruned deep copy of ``graph.model`` (see :func:`pruned_graph`); the original is untouched."""
+    return pruned_twin(graph, plan).model
 
 
 def pruned_copy_by_tracing(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
@@ -143,8 +149,6 @@ def probe_copy(graph: CouplingGraph, plan: PruningPlan) -> nn.Module:
     with a group some of whose channels torch-pruning cannot trace back to its root is pruned by the
     graph (:func:`pruned_copy`).
     """
-    from ..errors import GraphError
-
     tables = {g: _removals(graph, g) for g in plan.removed}
     if any(table is None for table in tables.values()):
         return pruned_copy(graph, plan)

@@ -14,7 +14,7 @@ from torch import nn
 from .. import flops
 from ..errors import GraphError, TargetUnreachableError, one_line
 from ..graph import CouplingGraph, regroup
-from .apply import _pruned_graph_by_tracing, apply_plan, copy_graph, probe_copy, pruned_graph
+from .apply import probe_copy, pruned_graph, pruned_twin
 from .plan import Chunk, LayerChange, PruneResult, _chunks, _plan, head_changes, min_units, unit_round_to
 from .screen import BROKEN_PRUNE, Floor, held_back, screen_groups, unreachable
 
@@ -93,21 +93,13 @@ def search(
     fast = [True]
     """Probes prune a bare copy of the model (:func:`probe_copy`); off once that differs from the graph's prune."""
 
-    def pruned_by_graph(chunks: list[Chunk]) -> CouplingGraph:
-        try:
-            twin = copy_graph(graph)
-            apply_plan(twin, _plan(chunks))
-        except RecursionError:
-            twin = _pruned_graph_by_tracing(graph, _plan(chunks))
-        return twin
-
     def probe(chunks: list[Chunk]) -> tuple[nn.Module, float]:
         nonlocal probes
         tried[0] = list(chunks)
         key = tuple(sorted(chunks))
         if key not in cache:
             probes += 1
-            twin = None if fast[0] else pruned_by_graph(chunks)
+            twin = None if fast[0] else pruned_twin(graph, _plan(chunks))
             model = probe_copy(graph, _plan(chunks)) if twin is None else twin.model
             cache.clear()  # keep one pruned copy in memory at a time
             cache[key] = (model, flops.measure(model, graph.example_input), twin)
@@ -197,7 +189,7 @@ def search(
                 # The plan chosen, pruned by the graph as the run will prune it: the same MACs, or the
                 # search runs again on probes pruned that way.
                 tried[0] = list(chosen)
-                twin = pruned_by_graph(chosen)
+                twin = pruned_twin(graph, _plan(chosen))
                 cost = flops.measure(twin.model, graph.example_input)
                 if cost.macs != cache[tuple(sorted(chosen))][1].macs:
                     fast[0] = False
