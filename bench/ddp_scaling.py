@@ -4,9 +4,12 @@
 
 Fine-tunes the demo ResNet-20 (unpruned: the structure does not matter for the ratio) for one epoch
 on the first ``--images`` training images with distillation, global batch 32, once in this process
-(``finetune.Cycle``) and once per process count through the launcher ``compress --nproc-per-node``
-uses, and prints images per second and the ratio to the in-process run. All runs are in one
-invocation, so they share the machine's load.
+(``finetune.Cycle``) and once per process count the way ``compress --nproc-per-node`` trains (this
+process as rank 0, the other ranks spawned: ``distributed.train``), and prints images per second and
+the ratio to the in-process run. ``--schedule-hook`` adds a step hook that changes weights after every
+step (what ``ocs`` and ``cyclical`` do), so the other ranks receive every weight after every step: the
+worst case of a schedule acting between steps. All runs are in one invocation, so they share the
+machine's load.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--procs", default="1,2")
+    parser.add_argument("--schedule-hook", action="store_true",
+                        help="also run each process count with a step hook that changes a weight after every step")
     args = parser.parse_args()
     # One thread per process, like each launched worker on 2 cores: a spinning second OpenMP thread on a
     # loaded machine made the in-process run 20x slower.
@@ -51,10 +56,25 @@ def main() -> None:
     rows.append({"processes": "in-process", "images_per_second": base, "ratio": 1.0, "val_accuracy": res.val_accuracy})
     print(rows[-1], flush=True)
     for n in (int(p) for p in args.procs.split(",")):
-        _, r, _ = distributed.launch(model, data, settings, teacher=model, device=cpu, nproc=n)
+        cycle = distributed.DataParallelCycle(copy.deepcopy(model), data, settings, teacher=model, device=cpu,
+                                              rank=0, world=n)
+        r = distributed.train(cycle, teacher=model)
         rows.append({"processes": n, "images_per_second": r.images_per_second, "ratio": r.images_per_second / base,
                      "val_accuracy": r.val_accuracy})
         print(rows[-1], flush=True)
+        if args.schedule_hook:
+            cycle = distributed.DataParallelCycle(copy.deepcopy(model), data, settings, teacher=model, device=cpu,
+                                                  rank=0, world=n)
+            first = next(cycle.model.parameters())
+
+            def touch() -> None:  # an in-place change, as a soft mask makes: every weight is sent again
+                with torch.no_grad():
+                    first.mul_(1.0)
+
+            r = distributed.train(cycle, teacher=model, hook=touch, between=True)
+            rows.append({"processes": f"{n}, weights sent every step", "images_per_second": r.images_per_second,
+                         "ratio": r.images_per_second / base, "val_accuracy": r.val_accuracy})
+            print(rows[-1], flush=True)
     print(json.dumps({"cpus": torch.get_num_threads(), "images": args.images, "rows": rows,
                       "seconds": time.perf_counter() - start}, indent=2))
     print("| processes | images/s | ratio to in-process | val accuracy |\n|---|---|---|---|")

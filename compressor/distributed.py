@@ -1,64 +1,85 @@
 """Data-parallel fine-tuning (``--nproc-per-node N``): the cycle on N processes with DDP.
 
-The process that runs ``compress`` does everything else (loading, tracing, the search, the schedule's
-``begin`` prune, export, validation): it is "rank 0" of the job in the sense that it alone decides the
-pruned structure. It hands the pruned model to N workers, started the way ``torchrun`` starts them
-(torch's elastic launcher, ``torch.distributed.launcher.api.elastic_launch``, which watches them and
-names a dead one); they do not trace or search. Each worker:
+The process that runs ``compress`` is rank 0. It alone loads, traces, searches and prunes (the
+schedule's ``begin``), then starts ranks 1..N-1 (spawned Python processes on 127.0.0.1, joined through a
+``TCPStore`` the way ``torchrun``'s rendezvous joins them) and hands them the model as it stands; they do
+not trace or search. Every rank, rank 0 included, trains:
 
-- joins a process group (NCCL on CUDA, one GPU per worker; gloo on the CPU);
-- reads its shard of every epoch (``DistributedSampler``, seeded, re-shuffled per epoch);
-- trains with a per-process batch of ``batch_size // N``, so that the global batch, the number of steps
-  per epoch and therefore the learning-rate cycle are those of one process;
-- on CUDA, turns batch norms into ``SyncBatchNorm``; on the CPU (gloo) torch's ``SyncBatchNorm`` does not
-  run, so every worker keeps plain batch norms over its own shard and DDP broadcasts rank 0's running
-  statistics before every forward (``broadcast_buffers``): the model that comes back carries rank 0's.
+- in one process group (NCCL on CUDA, one GPU per rank; gloo on the CPU);
+- on its shard of every epoch (``DistributedSampler``, seeded, re-shuffled per epoch), with a per-rank
+  batch of ``batch_size // N``, so that the global batch, the number of steps per epoch and therefore
+  the learning-rate cycle are those of one process (the steps are counted that way from the start, so
+  a schedule's ``begin`` plans with the step count the ranks will run);
+- with the model wrapped in DDP (gradients averaged every step). On CUDA, where the schedule does not
+  act between steps, batch norms train as ``SyncBatchNorm``; otherwise (gloo, whose ranks cannot run
+  ``SyncBatchNorm``, or a schedule that prunes by the coupling graph of rank 0's own modules) each rank
+  keeps plain batch norms over its shard and DDP broadcasts rank 0's running statistics before every
+  forward (``broadcast_buffers``).
 
-Rank 0's trained weights come back to the parent, which loads them into its (identical) pruned model;
-the throughput reported is that of all workers together. A worker that dies ends the run with a
-:class:`RankFailedError` naming it, before anything is written.
+**Schedules that act between steps** (``gradual``, ``ocs``, ``cyclical``, and any plug-in that
+overrides ``after_step``) run on rank 0 only, with its real :class:`~compressor.schedules.Run`; after
+every step rank 0 tells the others what the hook did, and they follow:
 
-Schedules that act between steps (``gradual``, ``ocs``, ``cyclical``: prunes, masks, stability checks
-in ``after_step``) are not run data-parallel yet: ``check`` refuses them with a one-line error.
+- nothing: they go on;
+- weights or buffers changed in place (soft masks, decay; seen by the tensors' version counters, so a
+  schedule must change them with torch operations, not through ``.data``): rank 0 broadcasts every
+  parameter and buffer;
+- the model replaced (a physical prune, already recalibrated and reconstructed on rank 0): rank 0 sends
+  the pruned model itself; every rank continues with it and a fresh optimiser, as one process does.
+
+Before every such prune and at the end the ranks compare a fingerprint of their weights; ranks found
+apart (a schedule that changed weights where the ranks cannot see it) fail the run rather than export
+rank 0's weights as if nothing happened. Rank 0's weights are the run's; the throughput reported is that of all ranks
+together. A rank that dies ends the run with a :class:`RankFailedError` naming it, before anything is
+written; a rank 0 that fails (an error, a cancelled job) takes the other ranks down with it.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import math
 import os
-import uuid
+import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import CompressConfig
 from .data import LoadedData
 from .errors import ConfigError, TrainingError
 from .finetune import Cycle, FinetuneResult, FinetuneSettings
+from .progress import Progress
 
 DIE_ENV = "COMPRESSOR_TEST_DIE_AT"
-"""Test hook: ``RANK:STEP`` makes that worker ``os._exit(3)`` right after that optimiser step."""
+"""Test hook: ``RANK:STEP`` makes that rank (1 or more) ``os._exit(3)`` right after that optimiser step."""
+
+TIMEOUT = datetime.timedelta(hours=2)
+"""How long a rank waits in a collective: the others may be waiting for rank 0's prune (a search,
+reconstruction, several accuracy passes) between two steps."""
+
+_NOTHING, _CHANGED, _REPLACED = 0, 1, 2
+"""What rank 0's step hook did, as the other ranks are told after every step."""
 
 
 class RankFailedError(TrainingError):
-    """A data-parallel fine-tuning worker died."""
+    """A data-parallel fine-tuning rank died."""
 
 
-def check(config: CompressConfig, schedule: object, device: torch.device) -> None:
-    """Refuse, before any work, what ``--nproc-per-node`` cannot run."""
-    if config.nproc_per_node <= 1:
-        return
+def acts_between_steps(schedule: object) -> bool:
+    """Whether the schedule has an ``after_step`` of its own (the base one does nothing)."""
     from .schedules import BaseSchedule
 
     after_step = getattr(type(schedule), "after_step", None)
-    if after_step is not None and after_step is not BaseSchedule.after_step:
-        raise ConfigError(f"--nproc-per-node {config.nproc_per_node} runs schedules that prune before fine-tuning "
-                          f"(oneshot) only; --schedule {config.schedule} acts between steps",
-                          hint="use --schedule oneshot, or --nproc-per-node 1")
-    if device.type == "cuda" and torch.cuda.device_count() < config.nproc_per_node:
+    return after_step is not None and after_step is not BaseSchedule.after_step
+
+
+def check(config: CompressConfig, device: torch.device) -> None:
+    """Refuse, before any work, what ``--nproc-per-node`` cannot run."""
+    if config.nproc_per_node > 1 and device.type == "cuda" and torch.cuda.device_count() < config.nproc_per_node:
         raise ConfigError(f"--nproc-per-node {config.nproc_per_node} on CUDA needs as many GPUs; torch sees "
                           f"{torch.cuda.device_count()}", hint="lower --nproc-per-node or use --device cpu")
 
@@ -67,27 +88,27 @@ def trainer(config: CompressConfig) -> Callable | None:
     """What ``schedules.Run.finish`` should train with: None for one process."""
     if config.nproc_per_node <= 1:
         return None
-    return lambda run, _schedule: finetune_parallel(run, config.nproc_per_node)
+    return lambda run, schedule: finetune_parallel(run, schedule)
 
 
 def prepare_model(model: nn.Module, device_type: str) -> tuple[nn.Module, bool]:
-    """The worker's model and whether its batch norms are synchronised (CUDA only; see the module docstring)."""
+    """The rank's model and whether its batch norms are synchronised (CUDA only; see the module docstring)."""
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model), True
     return model, False
 
 
 class DataParallelCycle(Cycle):
-    """One worker's :class:`Cycle`: its shard, a per-process batch, the model wrapped in DDP."""
+    """One rank's :class:`Cycle`: its shard, a per-rank batch, the model wrapped in DDP once the process
+    group exists (rank 0's cycle is made before it, and plans with the same step counts)."""
 
     def __init__(self, model: nn.Module, data: LoadedData, settings: FinetuneSettings, *, teacher: nn.Module | None,
-                 device: torch.device, rank: int, world: int) -> None:
+                 device: torch.device, rank: int, world: int, progress: Progress | None = None) -> None:
         self.rank, self.world = rank, world
-        self.global_batch = settings.batch_size
+        self.global_settings = settings
         per_rank = max(1, settings.batch_size // world)
-        model, self.sync_bn = prepare_model(model, device.type)
         super().__init__(model, data, dataclasses.replace(settings, batch_size=per_rank), teacher=teacher,
-                         device=device)
+                         device=device, progress=progress)
         shard = math.ceil(len(data.labels("train")) / world)
         self.steps_per_epoch = math.ceil(shard / per_rank)
         self.total_steps = settings.epochs * self.steps_per_epoch
@@ -97,10 +118,12 @@ class DataParallelCycle(Cycle):
 
     @property
     def net(self) -> nn.Module:
+        if not dist.is_initialized():
+            return self.model
         if self._ddp is None or self._ddp[0] is not self.model:
             from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
             self._ddp = (self.model, DistributedDataParallel(self.model, device_ids=ids))  # buffers: rank 0's, every forward
         return self._ddp[1]
 
@@ -112,76 +135,240 @@ class DataParallelCycle(Cycle):
         sampler.set_epoch(epoch)
         return torch.tensor(list(sampler), dtype=torch.long)
 
+    def finite(self, loss: torch.Tensor) -> bool:
+        """Every rank stops at the first step where any rank's loss is not finite (else the others would
+        wait for its gradients)."""
+        ok = torch.tensor([1 if torch.isfinite(loss).item() else 0], device=self._comm_device)
+        if dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
     def check_step(self) -> None:
-        if self._die_at is not None and self._die_at == (self.rank, self.step):
+        if self._die_at is not None and self.rank > 0 and self._die_at == (self.rank, self.step):
             os._exit(3)
 
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-def _worker(model: nn.Module, data: LoadedData, settings: FinetuneSettings, teacher: nn.Module | None,
-            device_type: str, threads: int) -> tuple[dict | None, FinetuneResult, bool]:
-    import torch.distributed as dist
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
 
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    def versions(self) -> list[int]:
+        """The in-place version of every parameter and buffer (torch bumps it on every in-place change)."""
+        return [t._version for t in (*self.model.parameters(), *self.model.buffers())]
+
+    def lead(self, hook: Callable[[], None]) -> None:
+        """Rank 0, after a step: run the schedule's ``hook``, then have the other ranks do what it did."""
+        model, versions, before = self.model, self.versions(), _fingerprint(self.model)
+        hook()
+        what = _REPLACED if self.model is not model else _CHANGED if self.versions() != versions else _NOTHING
+        dist.broadcast(torch.tensor([what], device=self._comm_device), 0)
+        if what == _REPLACED:
+            _raise_if_apart(before, self.world, when=f"before the prune at step {self.step}")
+            dist.broadcast_object_list([copy.deepcopy(self.model).cpu()], src=0)
+        elif what == _CHANGED:
+            self._broadcast_tensors()
+
+    def follow(self) -> None:
+        """Ranks 1..N-1, after a step: do what rank 0's hook did (see :meth:`lead`)."""
+        what = torch.zeros(1, dtype=torch.long, device=self._comm_device)
+        dist.broadcast(what, 0)
+        if what.item() == _REPLACED:
+            _apart(_fingerprint(self.model), self.world)
+            received: list[nn.Module | None] = [None]
+            dist.broadcast_object_list(received, src=0)
+            self.replace_model(received[0])
+        elif what.item() == _CHANGED:
+            self._broadcast_tensors()
+
+    @torch.no_grad()
+    def _broadcast_tensors(self) -> None:
+        for t in self._tensors():
+            dist.broadcast(t, 0)
+
+
+
+Fingerprint = tuple[list[tuple[int, ...]], list[tuple[float, float]]]
+
+FINGERPRINT_TOLERANCE = 1e-6
+"""Relative to a tensor's L1 norm: how far two ranks' sums may differ and still count as the same weights
+(the ranks' weights are bitwise equal when all goes well; the margin keeps a benign rounding difference,
+say in a reduction, from failing a run, and a schedule that changed weights on rank 0 alone is far above it)."""
+
+
+def _fingerprint(model: nn.Module) -> Fingerprint:
+    """Shape, float64 sum and L1 norm of every parameter: what the ranks compare (not the buffers: a rank's
+    last forward updated its batch-norm statistics from its own shard)."""
+    params = [p.detach() for p in model.parameters()]
+    sums = (torch.stack([torch.stack([p.sum(dtype=torch.float64), torch.linalg.vector_norm(p, 1, dtype=torch.float64)])
+                         for p in params]).cpu().tolist() if params else [])
+    return [tuple(p.shape) for p in params], [(s, l1) for s, l1 in sums]
+
+
+def _same(a: Fingerprint, b: Fingerprint) -> bool:
+    if a[0] != b[0]:
+        return False
+    tol = FINGERPRINT_TOLERANCE
+    return all(abs(s1 - s2) <= tol * max(l1, l2, 1e-12) and abs(l1 - l2) <= tol * max(l1, l2, 1e-12)
+               for (s1, l1), (s2, l2) in zip(a[1], b[1]))
+
+
+def _apart(fingerprint: Fingerprint, world: int) -> int | None:
+    """The first rank whose fingerprint differs from rank 0's (every rank calls this at the same point), or None."""
+    prints: list[Fingerprint | None] = [None] * world
+    dist.all_gather_object(prints, fingerprint)
+    return next((r for r, p in enumerate(prints) if not _same(p, prints[0])), None)
+
+
+def _raise_if_apart(fingerprint: Fingerprint, world: int, *, when: str) -> None:
+    apart = _apart(fingerprint, world)
+    if apart is not None:
+        raise TrainingError(f"data-parallel fine-tuning: rank {apart} had weights other than rank 0's {when}, so a step "
+                            "hook changed weights where the other ranks could not follow; nothing was written",
+                            hint="a schedule must change weights with torch operations, not through .data; "
+                                 "or use --nproc-per-node 1")
+
+
+def _follower(rank: int, world: int, port: int, model: nn.Module, data: LoadedData, settings: FinetuneSettings,
+              teacher: nn.Module | None, device_type: str, threads: int, between: bool, sync_bn: bool) -> None:
+    """Ranks 1..N-1: join rank 0, train their shard, follow rank 0's step hook, compare weights at the end."""
     torch.set_num_threads(threads)
     torch.manual_seed(settings.seed)
     if device_type == "cuda":
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=TIMEOUT)
+    store.set(f"ready/{rank}", "1")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
+        if sync_bn:
+            model, _ = prepare_model(model, device_type)
         cycle = DataParallelCycle(model, data, settings, teacher=teacher, device=device, rank=rank, world=world)
-        result = cycle.run()
-        state = None
-        if rank == 0:
-            state = {k: v.detach().cpu() for k, v in cycle.model.state_dict().items()}
-        return state, result, cycle.sync_bn
+        cycle.run((lambda c: c.follow()) if between else None)
+        _apart(_fingerprint(cycle.model), world)
     finally:
         dist.destroy_process_group()
 
 
-def launch(model: nn.Module, data: LoadedData, settings: FinetuneSettings, *, teacher: nn.Module | None,
-           device: torch.device, nproc: int) -> tuple[dict, FinetuneResult, bool]:
-    """Fine-tune ``model`` (not changed) on ``nproc`` workers; rank 0's state dict, the combined result, and
-    whether batch norms were synchronised."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+class _Ranks:
+    """Ranks 1..N-1 of this process's group: started, joined, watched, and taken down when rank 0 ends."""
 
-    launch_config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"compressor-{uuid.uuid4().hex[:8]}",
-                                 rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
-                                 monitor_interval=0.2, start_method="spawn")
-    threads = max(1, (os.cpu_count() or 1) // nproc) if device.type == "cpu" else 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # quiets the launcher's warning; workers set their own
-    model = copy.deepcopy(model).cpu()
-    teacher = copy.deepcopy(teacher).cpu() if teacher is not None else None
+    def __init__(self, model: nn.Module, cycle: DataParallelCycle, teacher: nn.Module | None, *, between: bool,
+                 sync_bn: bool, progress: Progress) -> None:
+        import torch.multiprocessing as mp
+
+        self.world = cycle.world
+        self.device_type = cycle.device.type
+        threads = max(1, (os.cpu_count() or 1) // self.world) if self.device_type == "cpu" else 1
+        self.threads = threads
+        self.store = dist.TCPStore("127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+        context = mp.get_context("spawn")
+        model = copy.deepcopy(model).cpu()
+        teacher = copy.deepcopy(teacher).cpu() if teacher is not None else None
+        self.procs = []
+        for rank in range(1, self.world):
+            proc = context.Process(target=_follower, daemon=True, name=f"compressor-rank{rank}",
+                                   args=(rank, self.world, self.store.port, model, cycle.data, cycle.global_settings,
+                                         teacher, self.device_type, threads, between, sync_bn))
+            proc.start()
+            self.procs.append(proc)
+        self.progress = progress
+
+    def join(self) -> None:
+        """Wait until every rank has reached the store (naming one that died on the way), then make the group."""
+        waiting = {f"ready/{r}" for r in range(1, self.world)}
+        while waiting:
+            self.raise_if_dead()
+            self.progress.check_cancel()
+            waiting = {key for key in waiting if not self.store.check([key])}
+            time.sleep(0.05)
+        backend = "nccl" if self.device_type == "cuda" else "gloo"
+        if self.device_type == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend, store=self.store, rank=0, world_size=self.world, timeout=TIMEOUT)
+
+    def dead(self, wait: float = 0.0) -> tuple[int, int] | None:
+        """(rank, exit code) of the first rank that ended with an error, waiting up to ``wait`` s for one."""
+        deadline = time.monotonic() + wait
+        while True:
+            for rank, proc in enumerate(self.procs, start=1):
+                if proc.exitcode not in (None, 0):
+                    return rank, proc.exitcode
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def raise_if_dead(self, wait: float = 0.0) -> None:
+        found = self.dead(wait)
+        if found is None:
+            return
+        rank, code = found
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        raise RankFailedError(f"data-parallel fine-tuning: rank {rank} of {self.world} died ({how}); nothing was written",
+                              hint="see the rank's output above; --nproc-per-node 1 trains in this process")
+
+    def close(self, *, ok: bool) -> None:
+        """End the group; on success wait for the ranks to exit (one that failed is named), else kill them."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for proc in self.procs:
+            if ok:
+                proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if ok:
+            self.raise_if_dead()
+
+
+def train(cycle: DataParallelCycle, *, teacher: nn.Module | None, hook: Callable[[], None] | None = None,
+          between: bool = False, progress: Progress | None = None) -> FinetuneResult:
+    """Run rank 0's ``cycle`` with ranks 1..N-1 (started here) over the whole fine-tuning cycle.
+
+    ``hook``: rank 0's step hook (the schedule's ``after_step``); ``between``: whether it may act (the
+    other ranks then follow it after every step). The trained weights end in ``cycle.model``."""
+    progress = progress or cycle.progress
+    sync_bn = cycle.device.type == "cuda" and not between
+    plain = cycle.model
+    if sync_bn:
+        cycle.replace_model(prepare_model(copy.deepcopy(plain), "cuda")[0])
+    threads = torch.get_num_threads()
+    ranks = _Ranks(plain, cycle, teacher, between=between, sync_bn=sync_bn, progress=progress)
+    ok = False
     try:
-        returned = elastic_launch(launch_config, _worker)(model, data, settings, teacher, device.type, threads)
-    except ChildFailedError as exc:
-        # A rank that died on its own (a signal, os._exit, the OOM killer) takes its peers down with a plain
-        # exception (exit code 1) from the broken collective; under load the peer can be recorded first.
-        failures = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode == 1, item[1].timestamp))
-        rank, failure = failures[0]
-        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-        raise RankFailedError(f"data-parallel fine-tuning: rank {rank} of {nproc} died ({how}); nothing was written",
-                              hint="see the worker's output above; --nproc-per-node 1 trains in this process") from None
-    state, first, sync_bn = returned[0]
-    results = [returned[r][1] for r in sorted(returned)]
-    seconds = max(r.seconds for r in results)
-    seen = sum(r.images_per_second * r.seconds for r in results)
-    combined = dataclasses.replace(first, seconds=seconds, images_per_second=seen / seconds if seconds else 0.0,
-                                   processes=nproc)
-    return state, combined, sync_bn
+        torch.set_num_threads(ranks.threads)
+        ranks.join()
+        step = (lambda c: c.lead(hook)) if between and hook is not None else None
+        try:
+            result = cycle.run(step)
+            _raise_if_apart(_fingerprint(cycle.model), cycle.world, when="at the end of fine-tuning")
+        except TrainingError:
+            raise
+        except RuntimeError:  # a broken collective: a rank died, or will be seen dead in a moment
+            ranks.raise_if_dead(wait=10.0)
+            raise
+        ok = True
+    finally:
+        torch.set_num_threads(threads)
+        ranks.close(ok=ok)
+    if sync_bn:
+        plain.load_state_dict(cycle.model.state_dict())
+        cycle.model = plain
+    progress.note(f"fine-tuned on {cycle.world} processes ({'NCCL' if cycle.device.type == 'cuda' else 'gloo'}), "
+                  f"global batch {cycle.settings.batch_size * cycle.world}, batch norms "
+                  + ("synchronised" if sync_bn else "per process (rank 0's statistics kept)"))
+    # DistributedSampler pads every shard to the same length: every rank saw as many images as rank 0.
+    return dataclasses.replace(result, images_per_second=result.images_per_second * cycle.world, processes=cycle.world)
 
 
-def finetune_parallel(run, nproc: int) -> FinetuneResult:
-    """Train ``run``'s (already pruned) model over the cycle on ``nproc`` workers and load rank 0's weights."""
+def finetune_parallel(run, schedule) -> FinetuneResult:
+    """Train ``run``'s model over the cycle on ``run.cycle.world`` ranks, the schedule's step hook on rank 0."""
+    cycle = run.cycle
+    if not isinstance(cycle, DataParallelCycle):
+        raise TypeError("the run was not made for data-parallel fine-tuning (config.nproc_per_node)")
     teacher = run.original if run.config.distill else None
-    state, result, sync_bn = launch(run.model, run.data, run.cycle.settings, teacher=teacher, device=run.device,
-                                    nproc=nproc)
-    run.model.load_state_dict(state)
-    run.cycle.step = result.steps
-    run.progress.note(f"fine-tuned on {nproc} processes ({'NCCL' if run.device.type == 'cuda' else 'gloo'}), "
-                      f"global batch {run.cycle.settings.batch_size // nproc * nproc}, batch norms "
-                      + ("synchronised" if sync_bn else "per process (rank 0's statistics kept)"))
-    return result
+    between = acts_between_steps(schedule)
+    return train(cycle, teacher=teacher, hook=lambda: schedule.after_step(run), between=between, progress=run.progress)

@@ -254,6 +254,10 @@ class Cycle:
         """The training images' order in one epoch (``distributed`` gives this rank's shard)."""
         return torch.randperm(len(self.data.labels("train")), generator=generator)
 
+    def finite(self, loss: torch.Tensor) -> bool:
+        """Whether training may take this step (``distributed`` asks every rank)."""
+        return bool(torch.isfinite(loss))
+
     def check_step(self) -> None:
         """Called after every optimiser step, before the schedule's hook (a test hook in ``distributed``)."""
 
@@ -334,7 +338,7 @@ class Cycle:
                 self.model.train()
                 self._set_lr()
                 loss, logits = self._loss(xb, yb, idx)
-                if not torch.isfinite(loss):
+                if not self.finite(loss):
                     stopped = f"non-finite loss at epoch {epoch + 1}, step {self.step + 1}: kept the state from {self._good_label}"
                     break
                 self.optimizer.zero_grad(set_to_none=True)

@@ -182,7 +182,7 @@ def compress(config: CompressConfig, *, progress: Progress | None = None,
     device = _device(config)
     with clock.stage("load"):
         loaded = _load(config)
-        distributed.check(config, loaded.schedule, device)
+        distributed.check(config, device)
     with clock.stage("trace"):
         traced = _trace(config, loaded, events)
     with clock.stage("prune"):

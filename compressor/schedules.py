@@ -5,7 +5,9 @@ hooks that act on a :class:`Run`: ``begin`` before the first fine-tuning step, `
 every optimiser step, ``end`` after the last. Whatever it does in between (soft masks, decay, several
 physical prunes), after ``end`` the model must be physically pruned to the FLOPs target; the run
 checks. The built-ins live in ``compressor.plugins.schedules``: ``oneshot``, ``gradual``, ``ocs``
-and ``cyclical``.
+and ``cyclical``. A hook changes weights with torch operations (not through ``.data``): under
+``--nproc-per-node`` the hooks run on rank 0 only, and the other ranks learn what changed from the
+tensors' version counters (:mod:`compressor.distributed`).
 
 The :class:`Run` is what a schedule can see and do: the current model and its place in the
 learning-rate cycle, :meth:`Run.plan` (the sub-network the criterion would keep at a FLOPs ratio,
@@ -30,6 +32,7 @@ from .calibration import prepare_criterion
 from .config import CompressConfig
 from .criteria import Criterion, needs_channel_costs
 from .data import LoadedData
+from .distributed import DataParallelCycle
 from .errors import ConfigError, GraphError
 from .finetune import Cycle, FinetuneResult, FinetuneSettings, accuracy, recalibrate_bn
 from .graph import ROOT_TYPES, CouplingGraph, module_width, trace
@@ -170,7 +173,11 @@ class Run:
         if config.from_scratch:
             reinitialise(model)
         teacher = original if config.distill or config.distill_features else None
-        self.cycle = Cycle(model, data, settings, teacher=teacher, device=device, progress=self.progress)
+        if config.nproc_per_node > 1:  # rank 0's cycle: the step counts of the ranks it will train with
+            self.cycle: Cycle = DataParallelCycle(model, data, settings, teacher=teacher, device=device, rank=0,
+                                                  world=config.nproc_per_node, progress=self.progress)
+        else:
+            self.cycle = Cycle(model, data, settings, teacher=teacher, device=device, progress=self.progress)
         self.events: list[PruneEvent] = []
         self.prune_seconds = 0.0
         """Seconds spent planning and applying prunes (the pipeline books them under "prune")."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from torch import nn
 
 from compressor import compress
 from compressor.distributed import DIE_ENV, RankFailedError, prepare_model
-from compressor.errors import ConfigError
+from compressor.errors import ConfigError, TrainingError
 from compressor.report import to_dict
+from compressor.schedules import BaseSchedule
 
 
 def _keys(d, prefix=""):
@@ -64,9 +66,37 @@ def test_cpu_keeps_plain_batch_norm_cuda_syncs_it():
     assert synced and isinstance(cuda[1], nn.SyncBatchNorm)
 
 
-def test_schedules_acting_between_steps_are_refused_before_any_work(make_config):
-    with pytest.raises(ConfigError, match="--schedule gradual acts between steps"):
-        compress(make_config(nproc_per_node=2, schedule="gradual"))
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", ["gradual", "ocs", "cyclical"])
+def test_schedules_acting_between_steps_run_on_every_rank_alike(schedule, make_config, tmp_path):
+    # Rank 0 alone plans, masks and prunes; the other rank follows after every step. Had it not (a prune it
+    # never received, a mask it never applied), the ranks' weights would end apart and the run would fail.
+    one = compress(make_config(epochs=2, schedule=schedule, out_dir=tmp_path / "one"))
+    two = compress(make_config(epochs=2, schedule=schedule, out_dir=tmp_path / "two", nproc_per_node=2))
+    assert two.finetune.processes == 2 and two.finetune.steps == one.finetune.steps
+    assert [e.step for e in two.schedule.events] == [e.step for e in one.schedule.events]
+    assert two.prune.achieved_ratio <= 0.5
+    assert _keys(to_dict(one)) == _keys(to_dict(two))
+    assert (tmp_path / "two" / "model.onnx").exists()
+
+
+class _Sneaky(BaseSchedule):
+    """Prunes before training, then changes weights behind torch's back (through ``.data``) on rank 0."""
+
+    def begin(self, run):
+        run.prune_to(run.target, reason="before fine-tuning")
+
+    def after_step(self, run):
+        if run.step == 2:
+            next(run.model.parameters()).data.mul_(0.5)
+
+
+def test_ranks_that_end_apart_fail_the_run(make_config, tmp_path):
+    out = tmp_path / "apart"
+    with pytest.raises(TrainingError, match="rank 1 had weights other than rank 0's at the end of fine-tuning") as info:
+        compress(make_config(epochs=1, schedule=f"{__name__}:_Sneaky", out_dir=out, nproc_per_node=2))
+    assert "\n" not in info.value.message
+    assert not out.exists()
 
 
 def test_option_checks(make_config):
@@ -74,3 +104,17 @@ def test_option_checks(make_config):
         make_config(nproc_per_node=0)
     with pytest.raises(ConfigError, match="global batch"):
         make_config(nproc_per_node=4, batch_size=2)
+
+
+def test_the_weight_fingerprint_tells_rounding_from_a_change():
+    from compressor.distributed import _fingerprint, _same
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    before = _fingerprint(model)
+    with torch.no_grad():
+        model[0].weight.mul_(1 + 1e-9)  # a rounding difference: still the same weights
+    assert _same(before, _fingerprint(model))
+    with torch.no_grad():
+        model[1].bias[0] += 1e-3  # one entry moved
+    assert not _same(before, _fingerprint(model))
+    assert not _same(before, _fingerprint(nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2))))  # another structure

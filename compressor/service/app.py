@@ -117,21 +117,10 @@ def check_options(options: Any, allow_arch: tuple[str, ...], *, max_nproc: int =
 
 
 def _check_parallel(config: Any, max_nproc: int, errors: dict[str, str]) -> None:
-    """``nproc_per_node``: within the operator's limit, and with a schedule data-parallel training can run
-    (checked as the run would, before queueing; the GPU count is the worker host's, checked there)."""
+    """``nproc_per_node``: within the operator's limit (the GPU count is the worker host's, checked there)."""
     n = config.nproc_per_node
     if n > max_nproc:
         errors["nproc_per_node"] = f"--nproc-per-node {n} is more than this service allows (--max-nproc-per-node {max_nproc})"
-    elif n > 1:
-        import torch
-
-        from compressor import distributed
-        from compressor.schedules import get_schedule
-
-        try:
-            distributed.check(config, get_schedule(config.schedule, config), torch.device("cpu"))
-        except CompressorError as exc:
-            errors["nproc_per_node"] = exc.message
 
 
 def _uncursor(cursor: str) -> tuple[float, str]:
