@@ -41,6 +41,7 @@ import dataclasses
 import datetime
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -249,8 +250,14 @@ def _follower(rank: int, world: int, port: int, model: nn.Module, data: LoadedDa
         cycle = DataParallelCycle(model, data, settings, teacher=teacher, device=device, rank=rank, world=world)
         cycle.run((lambda c: c.follow()) if between else None)
         _apart(_fingerprint(cycle.model), world)
+        store.set(f"done/{rank}", "1")
     finally:
         dist.destroy_process_group()
+    # Past this point the rank's work is done; skip the interpreter's teardown, where gloo's threads were
+    # seen to abort the process now and then (rank 0 goes by the "done" key, not this exit code).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _Ranks:
@@ -291,11 +298,12 @@ class _Ranks:
         dist.init_process_group(backend, store=self.store, rank=0, world_size=self.world, timeout=TIMEOUT)
 
     def dead(self, wait: float = 0.0) -> tuple[int, int] | None:
-        """(rank, exit code) of the first rank that ended with an error, waiting up to ``wait`` s for one."""
+        """(rank, exit code) of the first rank that ended with an error before its work was done, waiting up
+        to ``wait`` s for one."""
         deadline = time.monotonic() + wait
         while True:
             for rank, proc in enumerate(self.procs, start=1):
-                if proc.exitcode not in (None, 0):
+                if proc.exitcode not in (None, 0) and not self.store.check([f"done/{rank}"]):
                     return rank, proc.exitcode
             if time.monotonic() >= deadline:
                 return None
