@@ -6,9 +6,9 @@ Fine-tunes the demo ResNet-20 (unpruned: the structure does not matter for the r
 on the first ``--images`` training images with distillation, global batch 32, once in this process
 (``finetune.Cycle``) and once per process count the way ``compress --nproc-per-node`` trains (this
 process as rank 0, the other ranks spawned: ``distributed.train``), and prints images per second and
-the ratio to the in-process run. ``--schedule-hook`` adds a step hook that changes weights after every
-step (what ``ocs`` and ``cyclical`` do), so the other ranks receive every weight after every step: the
-worst case of a schedule acting between steps. All runs are in one invocation, so they share the
+the ratio to the in-process run. ``--schedule-hook`` adds a step hook that changes every weight in place
+after every step (``ocs`` and ``cyclical`` change the masked layers'), so the other ranks receive every
+weight after every step: the worst case of a schedule acting between steps. All runs are in one invocation, so they share the
 machine's load.
 """
 
@@ -65,14 +65,13 @@ def main() -> None:
         if args.schedule_hook:
             cycle = distributed.DataParallelCycle(copy.deepcopy(model), data, settings, teacher=model, device=cpu,
                                                   rank=0, world=n)
-            first = next(cycle.model.parameters())
-
-            def touch() -> None:  # an in-place change, as a soft mask makes: every weight is sent again
+            def touch() -> None:  # an in-place change of every weight: all are sent again (soft masks send theirs)
                 with torch.no_grad():
-                    first.mul_(1.0)
+                    for p in cycle.model.parameters():
+                        p.mul_(1.0)
 
             r = distributed.train(cycle, teacher=model, hook=touch, between=True)
-            rows.append({"processes": f"{n}, weights sent every step", "images_per_second": r.images_per_second,
+            rows.append({"processes": f"{n}, every weight sent every step", "images_per_second": r.images_per_second,
                          "ratio": r.images_per_second / base, "val_accuracy": r.val_accuracy})
             print(rows[-1], flush=True)
     print(json.dumps({"cpus": torch.get_num_threads(), "images": args.images, "rows": rows,

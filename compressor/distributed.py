@@ -22,8 +22,8 @@ every step rank 0 tells the others what the hook did, and they follow:
 
 - nothing: they go on;
 - weights or buffers changed in place (soft masks, decay; seen by the tensors' version counters, so a
-  schedule must change them with torch operations, not through ``.data``): rank 0 broadcasts every
-  parameter and buffer;
+  schedule must change them with torch operations, not through ``.data``): rank 0 broadcasts those
+  parameters and buffers (one flat tensor per dtype);
 - the model replaced (a physical prune, already recalibrated and reconstructed on rank 0): rank 0 sends
   the pruned model itself; every rank continues with it and a fresh optimiser, as one process does.
 
@@ -163,31 +163,43 @@ class DataParallelCycle(Cycle):
         """Rank 0, after a step: run the schedule's ``hook``, then have the other ranks do what it did."""
         model, versions, before = self.model, self.versions(), _fingerprint(self.model)
         hook()
-        what = _REPLACED if self.model is not model else _CHANGED if self.versions() != versions else _NOTHING
-        dist.broadcast(torch.tensor([what], device=self._comm_device), 0)
+        changed: list[int] = []
+        if self.model is model:
+            changed = [i for i, (v0, v1) in enumerate(zip(versions, self.versions())) if v0 != v1]
+        what = _REPLACED if self.model is not model else _CHANGED if changed else _NOTHING
+        dist.broadcast(torch.tensor([what, len(changed)], device=self._comm_device), 0)
         if what == _REPLACED:
             _raise_if_apart(before, self.world, when=f"before the prune at step {self.step}")
             dist.broadcast_object_list([copy.deepcopy(self.model).cpu()], src=0)
         elif what == _CHANGED:
-            self._broadcast_tensors()
+            self._broadcast_tensors(torch.tensor(changed, dtype=torch.long, device=self._comm_device))
 
     def follow(self) -> None:
         """Ranks 1..N-1, after a step: do what rank 0's hook did (see :meth:`lead`)."""
-        what = torch.zeros(1, dtype=torch.long, device=self._comm_device)
+        what = torch.zeros(2, dtype=torch.long, device=self._comm_device)
         dist.broadcast(what, 0)
-        if what.item() == _REPLACED:
+        if what[0].item() == _REPLACED:
             _apart(_fingerprint(self.model), self.world)
             received: list[nn.Module | None] = [None]
             dist.broadcast_object_list(received, src=0)
             self.replace_model(received[0])
-        elif what.item() == _CHANGED:
-            self._broadcast_tensors()
+        elif what[0].item() == _CHANGED:
+            self._broadcast_tensors(torch.zeros(int(what[1].item()), dtype=torch.long, device=self._comm_device))
 
     @torch.no_grad()
-    def _broadcast_tensors(self) -> None:
-        for t in self._tensors():
-            dist.broadcast(t, 0)
-
+    def _broadcast_tensors(self, which: torch.Tensor) -> None:
+        """Rank 0's values of the parameters and buffers numbered ``which`` (filled in on ranks 1..N-1), one
+        flat broadcast per dtype."""
+        dist.broadcast(which, 0)
+        tensors = self._tensors()
+        chosen = [tensors[i] for i in which.tolist()]
+        for dtype in dict.fromkeys(t.dtype for t in chosen):
+            group = [t for t in chosen if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, 0)
+            if self.rank:
+                for t, part in zip(group, flat.split([t.numel() for t in group])):
+                    t.copy_(part.view_as(t))
 
 
 Fingerprint = tuple[list[tuple[int, ...]], list[tuple[float, float]]]
@@ -241,13 +253,14 @@ def _follower(rank: int, world: int, port: int, model: nn.Module, data: LoadedDa
         device, backend = torch.device("cuda", rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    if sync_bn:
+        model, _ = prepare_model(model, device_type)
+    # Made before joining (the teacher's logits, where distillation precomputes them): rank 0 times the steps.
+    cycle = DataParallelCycle(model, data, settings, teacher=teacher, device=device, rank=rank, world=world)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=TIMEOUT)
     store.set(f"ready/{rank}", "1")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
-        if sync_bn:
-            model, _ = prepare_model(model, device_type)
-        cycle = DataParallelCycle(model, data, settings, teacher=teacher, device=device, rank=rank, world=world)
         cycle.run((lambda c: c.follow()) if between else None)
         _apart(_fingerprint(cycle.model), world)
         store.set(f"done/{rank}", "1")
