@@ -175,7 +175,12 @@ def overrides(variant: str) -> dict:
     ``reconstruct`` / ``noreconstruct`` (``--reconstruct`` / ``--no-reconstruct``), ``features``
     (``--distill-features``), ``lrX`` (``--lr X``),
     ``schedule:NAME``, ``criterion:NAME``, ``augment:NAME`` (``--augment``), ``cfg:FIELD=JSON`` (any
-    ``CompressConfig`` field)."""
+    ``CompressConfig`` field); several joined by ``+`` (``features+round8``)."""
+    if "+" in variant:
+        merged: dict = {}
+        for part in variant.split("+"):
+            merged |= overrides(part)
+        return merged
     if variant == "default":
         return {}
     if variant.startswith("round") and variant[5:].isdigit():

@@ -87,9 +87,7 @@ def check(config: CompressConfig, device: torch.device) -> None:
 
 def trainer(config: CompressConfig) -> Callable | None:
     """What ``schedules.Run.finish`` should train with: None for one process."""
-    if config.nproc_per_node <= 1:
-        return None
-    return lambda run, schedule: finetune_parallel(run, schedule)
+    return finetune_parallel if config.nproc_per_node > 1 else None
 
 
 def prepare_model(model: nn.Module, device_type: str) -> tuple[nn.Module, bool]:
