@@ -32,10 +32,15 @@ if TYPE_CHECKING:
     from .data import LoadedData
 
 DEFAULT_ROUND_TO = {"CPUExecutionProvider": 16, "CUDAExecutionProvider": 8}
-"""``--round-to`` when none is given, per execution provider. Chosen by measurement for the CPU EP
-(the figures are in BENCHMARKS.md, "Latency": odd widths were slower, 16 at least as fast as 8;
-onnxruntime's CPU kernels work in blocks of 16 channels on AVX-512, of 8 on AVX2, and 16 is a
-multiple of both). 8 on CUDA is the common advice for tensor cores; not measured here."""
+"""``--round-to`` when none is given, per execution provider (the CPU EP's on an x86 CPU without AVX-512:
+:data:`CPU_AVX2_ROUND_TO`; see :func:`default_round_to`). Chosen by measurement for the CPU EP (the
+figures are in BENCHMARKS.md, "Latency"): odd widths were slower; on an AVX-512 machine 16 was at least
+as fast as 8. 8 on CUDA is the common advice for tensor cores; not measured here."""
+CPU_AVX2_ROUND_TO = 8
+"""The CPU EP's default where the CPU has AVX2 but not AVX-512. onnxruntime's CPU convolutions (MLAS,
+NCHWc layout) work in blocks of 16 channels with AVX-512 and of 8 with AVX2: on the AVX2 build machine
+8 was as fast as 16 (within 4% either way, three interleaved runs) and kept more accuracy
+(BENCHMARKS.md, "Rounding by the CPU's vector width")."""
 FLOPS_RESOLUTION = 0.02
 """The search stops when the FLOPs ratios of a meeting and a missing candidate are this close."""
 MAX_PROBES = 8
@@ -187,7 +192,23 @@ def round_to_for(config: CompressConfig) -> int:
         return config.round_to
     from .validate import providers_for
 
-    return DEFAULT_ROUND_TO.get(providers_for(config.device)[0], 8)
+    return default_round_to(providers_for(config.device)[0])
+
+
+def default_round_to(provider: str, *, cpu_capability: str | None = None) -> int:
+    """The multiple widths are rounded to by default on ``provider``: for the CPU EP, the channel block of
+    onnxruntime's convolution kernels on this CPU (16 with AVX-512, 8 with AVX2 only; 16 elsewhere, not
+    measured). ``cpu_capability``: torch's name for the CPU's vector instructions (by default this
+    machine's, :func:`this_cpu_capability`)."""
+    if provider != "CPUExecutionProvider":
+        return DEFAULT_ROUND_TO.get(provider, 8)
+    capability = cpu_capability or this_cpu_capability()
+    return CPU_AVX2_ROUND_TO if capability == "AVX2" else DEFAULT_ROUND_TO[provider]
+
+
+def this_cpu_capability() -> str:
+    """torch's name for this CPU's vector instructions: ``AVX512``, ``AVX2``, ``DEFAULT``..."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 @dataclass(frozen=True)

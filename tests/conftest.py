@@ -32,6 +32,15 @@ os.environ.pop("LINES", None)
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _avx512_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU EP's default ``--round-to`` follows the CPU (16 with AVX-512, 8 with AVX2 only): tests that
+    count on the default see 16 on every machine (``test_latency`` checks both)."""
+    from compressor import latency
+
+    monkeypatch.setattr(latency, "this_cpu_capability", lambda: "AVX512")
+
+
 @pytest.fixture
 def data_path(tmp_path: Path) -> Path:
     """60 1x16x16 uint8 images in 4 brightness classes, as an .npz archive."""

@@ -294,7 +294,13 @@ def test_a_model_pruning_cannot_speed_up_is_flagged_loudly(tmp_path, monkeypatch
 
 def test_round_to_defaults_per_execution_provider(make_config):
     assert make_config(device="cpu").round_to is None
-    assert latency.round_to_for(make_config(device="cpu")) == latency.DEFAULT_ROUND_TO["CPUExecutionProvider"] == 16
+    here = latency.default_round_to("CPUExecutionProvider")
+    assert latency.round_to_for(make_config(device="cpu")) == here
+    # The CPU EP's default follows the width of onnxruntime's convolution blocks on the CPU.
+    assert latency.default_round_to("CPUExecutionProvider", cpu_capability="AVX512") == 16
+    assert latency.default_round_to("CPUExecutionProvider", cpu_capability="AVX2") == 8
+    assert latency.default_round_to("CPUExecutionProvider", cpu_capability="DEFAULT") == 16
+    assert latency.default_round_to("CUDAExecutionProvider") == 8
     assert latency.round_to_for(make_config(device="cpu", round_to=1)) == 1
     with pytest.raises(ConfigError, match="--round-to"):
         make_config(round_to=0)
