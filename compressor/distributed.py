@@ -24,8 +24,9 @@ every step rank 0 tells the others what the hook did, and they follow:
 - weights or buffers changed in place (soft masks, decay; seen by the tensors' version counters, so a
   schedule must change them with torch operations, not through ``.data``): rank 0 broadcasts those
   parameters and buffers (one flat tensor per dtype);
-- the model replaced (a physical prune, already recalibrated and reconstructed on rank 0): rank 0 sends
-  the pruned model itself; every rank continues with it and a fresh optimiser, as one process does.
+- the model replaced (a physical prune, already recalibrated and reconstructed on rank 0): after the
+  in-place changes the hook made before it, rank 0 sends the pruned model itself; every rank continues
+  with it and a fresh optimiser, as one process does.
 
 Before every such prune and at the end the ranks compare a fingerprint of their weights; ranks found
 apart (a schedule that changed weights where the ranks cannot see it) fail the run rather than export
@@ -61,10 +62,6 @@ DIE_ENV = "COMPRESSOR_TEST_DIE_AT"
 TIMEOUT = datetime.timedelta(hours=2)
 """How long a rank waits in a collective: the others may be waiting for rank 0's prune (a search,
 reconstruction, several accuracy passes) between two steps."""
-
-_NOTHING, _CHANGED, _REPLACED = 0, 1, 2
-"""What rank 0's step hook did, as the other ranks are told after every step."""
-
 
 class RankFailedError(TrainingError):
     """A data-parallel fine-tuning rank died."""
@@ -151,45 +148,41 @@ class DataParallelCycle(Cycle):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def _tensors(self) -> list[torch.Tensor]:
+        """Every parameter and buffer (detached views: they share the tensors' version counters)."""
         return [t.detach() for t in (*self.model.parameters(), *self.model.buffers())]
-
-    def versions(self) -> list[int]:
-        """The in-place version of every parameter and buffer (torch bumps it on every in-place change)."""
-        return [t._version for t in (*self.model.parameters(), *self.model.buffers())]
 
     def lead(self, hook: Callable[[], None]) -> None:
         """Rank 0, after a step: run the schedule's ``hook``, then have the other ranks do what it did."""
-        model, versions, before = self.model, self.versions(), _fingerprint(self.model)
+        model, tensors = self.model, self._tensors()
+        versions = [t._version for t in tensors]
         hook()
-        changed: list[int] = []
-        if self.model is model:
-            changed = [i for i, (v0, v1) in enumerate(zip(versions, self.versions())) if v0 != v1]
-        what = _REPLACED if self.model is not model else _CHANGED if changed else _NOTHING
-        dist.broadcast(torch.tensor([what, len(changed)], device=self._comm_device), 0)
-        if what == _REPLACED:
-            _raise_if_apart(before, self.world, when=f"before the prune at step {self.step}")
+        changed = [i for i, (t, v) in enumerate(zip(tensors, versions)) if t._version != v]
+        replaced = self.model is not model
+        dist.broadcast(torch.tensor([int(replaced), len(changed)], device=self._comm_device), 0)
+        if changed:  # in place, on the model the step ran on (a prune may follow, as OCS's decay then prune)
+            self._broadcast_tensors(tensors, torch.tensor(changed, dtype=torch.long, device=self._comm_device))
+        if replaced:
+            _raise_if_apart(_fingerprint(model), self.world, when=f"before the prune at step {self.step}")
             dist.broadcast_object_list([copy.deepcopy(self.model).cpu()], src=0)
-        elif what == _CHANGED:
-            self._broadcast_tensors(torch.tensor(changed, dtype=torch.long, device=self._comm_device))
 
     def follow(self) -> None:
         """Ranks 1..N-1, after a step: do what rank 0's hook did (see :meth:`lead`)."""
         what = torch.zeros(2, dtype=torch.long, device=self._comm_device)
         dist.broadcast(what, 0)
-        if what[0].item() == _REPLACED:
+        replaced, changed = (int(v) for v in what.tolist())
+        if changed:
+            self._broadcast_tensors(self._tensors(), torch.zeros(changed, dtype=torch.long, device=self._comm_device))
+        if replaced:
             _apart(_fingerprint(self.model), self.world)
             received: list[nn.Module | None] = [None]
             dist.broadcast_object_list(received, src=0)
             self.replace_model(received[0])
-        elif what[0].item() == _CHANGED:
-            self._broadcast_tensors(torch.zeros(int(what[1].item()), dtype=torch.long, device=self._comm_device))
 
     @torch.no_grad()
-    def _broadcast_tensors(self, which: torch.Tensor) -> None:
-        """Rank 0's values of the parameters and buffers numbered ``which`` (filled in on ranks 1..N-1), one
-        flat broadcast per dtype."""
+    def _broadcast_tensors(self, tensors: list[torch.Tensor], which: torch.Tensor) -> None:
+        """Rank 0's values of ``tensors`` numbered ``which`` (filled in on ranks 1..N-1), one flat broadcast
+        per dtype."""
         dist.broadcast(which, 0)
-        tensors = self._tensors()
         chosen = [tensors[i] for i in which.tolist()]
         for dtype in dict.fromkeys(t.dtype for t in chosen):
             group = [t for t in chosen if t.dtype == dtype]
@@ -364,8 +357,6 @@ def train(cycle: DataParallelCycle, *, teacher: nn.Module | None, hook: Callable
         try:
             result = cycle.run(step)
             _raise_if_apart(_fingerprint(cycle.model), cycle.world, when="at the end of fine-tuning")
-        except TrainingError:
-            raise
         except RuntimeError:  # a broken collective: a rank died, or will be seen dead in a moment
             ranks.raise_if_dead(wait=10.0)
             raise
