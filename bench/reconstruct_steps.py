@@ -51,7 +51,7 @@ def main() -> None:
         data = load_data(path, val_fraction=0.2, seed=0, mean=(MEAN,), std=(STD,))
     model = load_model(config.model_path, arch=args.model, image_size=28).model
     run = schedules.Run(original=model, data=data, config=config, criterion=criteria.get_criterion("l2"),
-                        settings=_finetune_settings(config), device=torch.device("cpu"))
+                        settings=_finetune_settings(config, data), device=torch.device("cpu"))
     val = lambda m: f"{accuracy(m, data.val_x, data.val_y):.2%}"  # noqa: E731
     print("original", val(model))
     pruned, result = run.plan(args.target)

@@ -6,6 +6,7 @@
     python bench/tables.py reconstruct       # accuracy after each step of a prune, and what reconstruction costs
     python bench/tables.py recipe --results bench/results/recipe.json bench/results/recipe_reconstruct.json
     python bench/tables.py pieces            # each piece of the default on or off alone, against the default
+    python bench/tables.py pieces --results bench/results/recipe_nearest.json   # rounding to the nearest multiple
     python bench/tables.py timm              # timm's zoo: each family's outcome, ratio, parity or refusal
 """
 
@@ -84,7 +85,8 @@ def reconstruct(path: Path = RESULTS / "recipe_reconstruct.json") -> str:
 PIECES = {"default": "default (reconstruction, logit distillation, the provider's rounding, no augmentation)",
           "noreconstruct": "without reconstruction (--no-reconstruct)", "features": "+ feature distillation (--distill-features)",
           "criterion:auto": "--criterion auto", "augment:light": "+ augmentation (--augment light)",
-          "round8": "round-to 8", "round1": "round-to 1 (no rounding)"}
+          "round8": "round-to 8", "round1": "round-to 1 (no rounding)",
+          "round-up": "widths rounded up, not to the nearest multiple (the rule until 2026-12-03)"}
 
 
 def pieces(path: Path = RESULTS / "recipe_pieces.json", plain: Path = RESULTS / "recipe.json") -> str:

@@ -311,3 +311,20 @@ def test_a_probe_copy_is_pruned_as_a_traced_copy_and_leaves_the_original_alone(b
         with torch.no_grad():
             torch.testing.assert_close(fast(example), traced(example), rtol=0, atol=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+
+
+@pytest.mark.parametrize(("low_units", "small_first"), [(5, True), (4, False), (3, False)])
+def test_a_rounded_chunk_goes_once_most_of_its_units_rank_low(low_units, small_first):
+    """Rounding to the nearest multiple: a 16-channel group's one removable chunk (8 units) ranks by its median
+    unit, so it goes before a large group's middling chunks once 5 of its 8 units score low, not only when all
+    8 do (which rounded every small group up and made the large ones give twice as much)."""
+    small = graph.GroupSpec(index=0, root="small", handler="out", size=16, ch_groups=1, layers=("small",))
+    large = graph.GroupSpec(index=1, root="large", handler="out", size=64, ch_groups=1, layers=("large",))
+    scores = [torch.tensor([0.1] * low_units + [1.0] * (16 - low_units)), torch.full((64,), 0.5)]
+
+    order = pruning._chunks([small, large], scores, max_fraction=0.75, round_to=8)
+
+    assert [len(units) for _, units in order] == [8] * 7  # one chunk of the small group, six of the large
+    first_small = [g for g, _ in order].index(0)
+    assert first_small == (0 if small_first else 6)
+    assert set(order[first_small][1]) == set(range(8))  # its eight lowest-scored units

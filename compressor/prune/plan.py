@@ -112,9 +112,12 @@ def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction
     """Removal steps in the order they are taken, ascending score.
 
     Within a group units go lowest score first. With ``round_to`` > 1 they go in chunks, so every
-    kept width (units per block) is a multiple of ``round_to``; a chunk ranks by its best unit, so it
-    is removed only when all of its units fall below the threshold. At most ``max_fraction`` of a
-    group is removed and never its last chunk.
+    kept width (units per block) is a multiple of ``round_to``; a chunk ranks by its median unit (the
+    upper one of an even chunk), so it is removed once most of its units fall below the threshold:
+    each group's width is the unrounded search's width rounded to the nearest multiple. (Ranking by
+    the chunk's best unit rounded every width up, so small groups, whose one chunk is half their
+    width, were never cut and the large ones gave twice as much: BENCHMARKS.md, "Rounding to the
+    nearest multiple".) At most ``max_fraction`` of a group is removed and never its last chunk.
     """
     ranked: list[tuple[float, int, tuple[int, ...]]] = []
     for spec, s in zip(groups, scores):
@@ -132,7 +135,7 @@ def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction
             chunk = order[removed : n - width]
             if len(chunk) != n - width - removed:  # the criterion abstained on some units
                 break
-            ranked.append((max(float(s[u]) for u in chunk), spec.index, tuple(chunk)))
+            ranked.append((float(s[chunk[len(chunk) // 2]]), spec.index, tuple(chunk)))
             removed = n - width
     ranked.sort(key=lambda t: t[0])
     return [(g, units) for _, g, units in ranked]
