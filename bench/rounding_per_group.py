@@ -32,7 +32,7 @@ from compressor.prune.apply import probe_copy  # noqa: E402
 from compressor.validate import feed_for, interleaved_times, open_session  # noqa: E402
 
 
-def variants(coupling, scores, multiple: int) -> tuple[dict, object]:
+def variants(coupling, scores, multiple: int) -> dict:
     """name -> pruned model: the rounded plan, the unrounded one, and the rounded plan with each group one unit short."""
     rounded, result = pruning.search(coupling, scores, target_ratio=0.5, max_prune_fraction=0.75, round_to=multiple)
     _, unrounded = pruning.search(coupling, scores, target_ratio=0.5, max_prune_fraction=0.75, round_to=1)
@@ -46,7 +46,7 @@ def variants(coupling, scores, multiple: int) -> tuple[dict, object]:
         plan[spec.index] = tuple(sorted(removed | {left[0]}))
         kept = (spec.units - len(plan[spec.index])) * spec.unit_channels
         models[f"{spec.root} -> {kept}"] = probe_copy(coupling, pruning.PruningPlan(plan))
-    return models, result
+    return models
 
 
 def main() -> None:
@@ -67,8 +67,9 @@ def main() -> None:
             example = data.val_x[:1]
             coupling = graph.trace(model, example)
             scores = pruning.score_groups(coupling, criteria.get_criterion("l2"))
-            models, _ = variants(coupling, scores, args.multiple)
+            models = variants(coupling, scores, args.multiple)
             base = flops.measure(model, example).macs
+            ratios = {n: flops.measure(m, example).macs / base for n, m in models.items()}
             names = list(models)
             sessions = [open_session(to_onnx_bytes(model, example), device="cpu")]
             sessions += [open_session(to_onnx_bytes(m, example), device="cpu") for m in models.values()]
@@ -79,7 +80,7 @@ def main() -> None:
                 rounded = statistics.median(times[1])
                 for n, t in zip(names, times[1:]):
                     row = {"model": name, "batch": batch, "variant": n,
-                           "flops_ratio": flops.measure(models[n], example).macs / base,
+                           "flops_ratio": ratios[n],
                            "speedup": original / statistics.median(t), "vs_rounded": statistics.median(t) / rounded}
                     rows.append(row)
                     print(f"{name:12s} b{batch:<3d} {n:28s} FLOPs {row['flops_ratio']:.3f}  speed-up {row['speedup']:.2f}x"

@@ -3,7 +3,7 @@ channel, or no rounding (round1); each plan pruned, its batch norms recalibrated
 reconstructed, then scored on the validation and the test split, without fine-tuning.
 
 The search's own rule is the median (``compressor.prune.plan._chunks``); this script swaps the ranking in for
-the comparison only. The same data as ``bench/recipe.py`` (the 2,000 images after the baselines' 20,000).
+the comparison only (``_chunks``'s ``rank``). The same data as ``bench/recipe.py`` (the 2,000 images after the baselines' 20,000).
 
     python bench/rounding_rule.py --model resnet20 --target 0.5 --seed 0 --rules max median mean round1
 """
@@ -11,7 +11,7 @@ the comparison only. The same data as ``bench/recipe.py`` (the 2,000 images afte
 from __future__ import annotations
 
 import argparse
-import math
+import functools
 import sys
 import tempfile
 from pathlib import Path
@@ -32,30 +32,8 @@ from compressor.pipeline import _finetune_settings  # noqa: E402
 from compressor.prune import plan  # noqa: E402
 
 SEARCH = sys.modules["compressor.prune.search"]  # the module (the package exports a function of that name)
-RANK = {"max": max, "median": lambda v: sorted(v)[len(v) // 2], "mean": lambda v: sum(v) / len(v)}
-
-
-def chunks_ranked_by(rule: str):
-    """``plan._chunks`` with each chunk ranked by ``RANK[rule]`` of its units' scores."""
-    def _chunks(groups, scores, *, max_fraction, round_to, original_units=None):
-        ranked = []
-        for spec, s in zip(groups, scores):
-            order = [int(u) for u in torch.argsort(s, stable=True) if math.isfinite(float(s[u]))]
-            n = spec.units
-            min_keep = plan.min_units(spec, max_fraction=max_fraction, round_to=round_to,
-                                      original_units=(original_units or {}).get(spec.root))
-            r = plan.unit_round_to(spec, round_to)
-            widths = (range(n - n % r if n % r else n - r, min_keep - 1, -r) if r > 1 else range(n - 1, min_keep - 1, -1))
-            removed = 0
-            for width in widths:
-                chunk = order[removed : n - width]
-                if len(chunk) != n - width - removed:
-                    break
-                ranked.append((RANK[rule]([float(s[u]) for u in chunk]), spec.index, tuple(chunk)))
-                removed = n - width
-        ranked.sort(key=lambda t: t[0])
-        return [(g, units) for _, g, units in ranked]
-    return _chunks
+RANK = {"max": max, "median": plan.median_unit, "mean": lambda v: sum(v) / len(v)}
+"""How a chunk of the rounding multiple ranks, from its units' scores (ascending)."""
 
 
 def main() -> None:
@@ -71,7 +49,7 @@ def main() -> None:
     test = ((torch.tensor(test_x[:, None], dtype=torch.float32) / 255 - MEAN) / STD, torch.tensor(test_y))
     sl = slice(BASELINE_TRAIN_IMAGES, BASELINE_TRAIN_IMAGES + 2000)
     for rule in args.rules:
-        SEARCH._chunks = chunks_ranked_by("max" if rule == "round1" else rule)
+        SEARCH._chunks = functools.partial(plan._chunks, rank=RANK["max" if rule == "round1" else rule])
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "finetune.npz"
             np.savez(path, images=train_x[sl], labels=train_y[sl])

@@ -4,6 +4,7 @@ steps in the order the search takes them (ascending score, in chunks of the roun
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -107,14 +108,21 @@ def min_units(spec: GroupSpec, *, max_fraction: float, round_to: int, original_u
     return keep
 
 
+def median_unit(ascending: Sequence[float]) -> float:
+    """A chunk's rank: the score of its median unit (the upper one of an even chunk), scores ascending."""
+    return ascending[len(ascending) // 2]
+
+
 def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction: float, round_to: int,
-            original_units: dict[str, int] | None = None) -> list[Chunk]:
+            original_units: dict[str, int] | None = None,
+            rank: Callable[[Sequence[float]], float] = median_unit) -> list[Chunk]:
     """Removal steps in the order they are taken, ascending score.
 
     Within a group units go lowest score first. With ``round_to`` > 1 they go in chunks, so every
-    kept width (units per block) is a multiple of ``round_to``; a chunk ranks by its median unit (the
-    upper one of an even chunk), so it is removed once most of its units fall below the threshold:
-    each group's width is the unrounded search's width rounded to the nearest multiple. (Ranking by
+    kept width (units per block) is a multiple of ``round_to``. A chunk ranks by ``rank`` of its units'
+    scores (ascending), by default its median unit (:func:`median_unit`), so it is removed once most of
+    its units fall below the threshold: each group's width is the unrounded search's width rounded to
+    the nearest multiple. (Ranking by
     the chunk's best unit rounded every width up, so small groups, whose one chunk is half their
     width, were never cut and the large ones gave twice as much: BENCHMARKS.md, "Rounding to the
     nearest multiple".) At most ``max_fraction`` of a group is removed and never its last chunk.
@@ -135,7 +143,7 @@ def _chunks(groups: list[GroupSpec], scores: list[torch.Tensor], *, max_fraction
             chunk = order[removed : n - width]
             if len(chunk) != n - width - removed:  # the criterion abstained on some units
                 break
-            ranked.append((float(s[chunk[len(chunk) // 2]]), spec.index, tuple(chunk)))
+            ranked.append((rank([float(s[u]) for u in chunk]), spec.index, tuple(chunk)))
             removed = n - width
     ranked.sort(key=lambda t: t[0])
     return [(g, units) for _, g, units in ranked]
