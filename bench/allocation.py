@@ -15,7 +15,7 @@ right after its reconstruction: on the training split (1,600 images, unaugmented
 predictions, KL divergence from the original's outputs, accuracy and cross-entropy on the labels; on the validation split (400), accuracy
 (what ``--criterion auto`` uses today) and KL divergence.
 
-    python bench/allocation.py --model resnet20 --target 0.5 --seed 0 --sigmas 0.5 0.2 0.05 --allocations 8
+    python bench/allocation.py --model resnet20 --target 0.5 --seeds 0 --sigmas 0.5 0.2 0.05 --allocations 6
     python bench/allocation.py --model resnet20 --target 0.5 --seeds 0 1 --criteria l2 fpgm lamp taylor activation hessian
     python bench/allocation.py --summary
 """
@@ -130,23 +130,23 @@ def main() -> None:
         return event
 
     pruning.score_groups, schedules.Run.prune = scaled, prune_then_measure
-    runs = ([("criterion", c, None) for c in args.criteria] if args.criteria else
-            [("allocation", "own", None)] + [("allocation", f"sigma {s:g} #{k}", s)
-                                           for s in args.sigmas for k in range(1, args.allocations)])
+    # (kind, label, the criterion to run, sigma and k of the allocation: exp(sigma * z[k]); None for the run's own)
+    runs = ([("criterion", c, c, None) for c in args.criteria] if args.criteria else
+            [("allocation", "own", None, None)] + [("allocation", f"sigma {s:g} #{k}", None, (s, k))
+                                                   for s in args.sigmas for k in range(1, args.allocations)])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = tmp / "finetune.npz"
         np.savez(path, images=train_x[sl], labels=train_y[sl])
         for seed in args.seeds:
-            factors = {s: torch.exp(s * torch.randn(args.allocations, 1000, generator=torch.Generator().manual_seed(1000 + seed)))
-                       for s in args.sigmas}
-            for kind, label, sigma in runs:
-                state["factors"] = torch.ones(1000) if sigma is None else factors[sigma][int(label.split("#")[1])]
+            z = torch.randn(args.allocations, 1000, generator=torch.Generator().manual_seed(1000 + seed))
+            for kind, label, criterion, step in runs:
+                state["factors"] = torch.ones(1000) if step is None else torch.exp(step[0] * z[step[1]])
                 start = time.perf_counter()
                 config = CompressConfig(model_path=BASELINES[args.model], data_path=path, arch=args.model,
                                         target_flops=args.target, seed=seed, epochs=args.epochs, mean=(MEAN,), std=(STD,),
                                         out_dir=tmp / "run", overwrite=True, latency_runs=5,
-                                        **({"criterion": label} if kind == "criterion" else {}))
+                                        **({"criterion": criterion} if criterion else {}))
                 result = compress(config)
                 row = {"model": args.model, "target": args.target, "seed": seed, "kind": kind, "label": label,
                        "flops_ratio": round(result.prune.achieved_ratio, 4),
